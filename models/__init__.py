@@ -1,0 +1,1 @@
+"""Model pipeline: data, training, export, calibration, registry, guardrails."""

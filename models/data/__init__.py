@@ -1,0 +1,1 @@
+"""Training data: the traffic simulator, importers and dataset loading."""

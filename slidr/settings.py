@@ -1,0 +1,111 @@
+"""The one typed settings object for every slidr process.
+
+Every field can be set from the environment with the ``SLIDR_`` prefix (``SLIDR_KAFKA_BOOTSTRAP``,
+``SLIDR_PARTITIONS`` ...) or from a ``.env`` file in the working directory. Defaults give a working
+single-machine setup on loopback: the local broker and redis-server that ``slidr up`` starts.
+"""
+
+from __future__ import annotations
+
+import ssl
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SLIDR_", env_file=".env", extra="ignore")
+
+    # --- local state -------------------------------------------------------------------------
+    home: Path = Field(Path(".slidr"), description="State folder: service data, logs, pid files, registry.")
+    cache_dir: Path = Field(Path(".cache"), description="Download cache (Kafka jars), git-ignored.")
+
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap: str = Field("127.0.0.1:19092", description="Broker address(es), comma separated.")
+    kafka_version: str = Field("4.1.1", description="Apache Kafka release the local broker runs.")
+    kafka_controller_port: int = Field(19093, description="KRaft controller port of the local broker.")
+    kafka_heap: str = Field("-Xmx1G -Xms512m", description="JVM heap flags of the local broker.")
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None, description="SASL mechanism for a production cluster (with SASL_* protocols)."
+    )
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = Field(None, description="CA bundle that signed the brokers' certificates.")
+    kafka_ssl_certfile: Path | None = Field(None, description="Client certificate (mutual TLS).")
+    kafka_ssl_keyfile: Path | None = Field(None, description="Client private key (mutual TLS).")
+
+    # --- topics ------------------------------------------------------------------------------
+    topic_prefix: str = Field("slidr", description="Prefix of every topic this deployment owns.")
+    partitions: int = Field(4, ge=1, description="Partitions of the data topics.")
+    replication_factor: int = Field(1, ge=1, description="Replication factor (1 for the local broker).")
+
+    # --- Redis -------------------------------------------------------------------------------
+    redis_url: str = Field("redis://127.0.0.1:16379/0", description="Profile cache (rediss:// for TLS).")
+    redis_password: SecretStr | None = Field(None, description="Redis AUTH password (overrides the URL's).")
+    redis_tls_cafile: Path | None = Field(None, description="CA bundle for a rediss:// server.")
+
+    # --- models and the worker ---------------------------------------------------------------
+    registry_path: Path = Field(Path(".slidr/registry"), description="Model registry folder.")
+    worker_id: str = Field("slidr-detector", description="Faust app id = the detector's consumer group.")
+    worker_web_port: int = Field(6066, description="Faust web port of the first worker (0 disables it).")
+    score_batch_size: int = Field(256, ge=1, description="Clicks scored per ONNX call at most.")
+    score_batch_within_s: float = Field(0.02, gt=0, description="Longest wait to fill a scoring batch.")
+    onnx_providers: str = Field(
+        "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
+        description="onnxruntime execution providers in order of preference (the available ones are used).",
+    )
+
+    # --- derived -----------------------------------------------------------------------------
+    @property
+    def redis_port(self) -> int:
+        return urlparse(self.redis_url).port or 6379
+
+    @property
+    def redis_host(self) -> str:
+        return urlparse(self.redis_url).hostname or "127.0.0.1"
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def kafka_host(self) -> str:
+        return self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[0]
+
+    def kafka_client_kwargs(self) -> dict[str, Any]:
+        """Connection keywords for aiokafka clients (producer, consumer, admin)."""
+        kw: dict[str, Any] = {
+            "bootstrap_servers": self.kafka_bootstrap,
+            "security_protocol": self.kafka_security_protocol,
+        }
+        if self.kafka_security_protocol in ("SSL", "SASL_SSL"):
+            ctx = ssl.create_default_context(cafile=str(self.kafka_ssl_cafile) if self.kafka_ssl_cafile else None)
+            if self.kafka_ssl_certfile:
+                ctx.load_cert_chain(str(self.kafka_ssl_certfile), str(self.kafka_ssl_keyfile or ""))
+            kw["ssl_context"] = ctx
+        if self.kafka_security_protocol.startswith("SASL"):
+            kw["sasl_mechanism"] = self.kafka_sasl_mechanism or "PLAIN"
+            kw["sasl_plain_username"] = self.kafka_sasl_username
+            kw["sasl_plain_password"] = (
+                self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None
+            )
+        return kw
+
+    def redis_kwargs(self) -> dict[str, Any]:
+        """Keywords for ``redis.asyncio.from_url(settings.redis_url, **kwargs)``."""
+        kw: dict[str, Any] = {}
+        if self.redis_password:
+            kw["password"] = self.redis_password.get_secret_value()
+        if self.redis_tls_cafile:
+            kw["ssl_ca_certs"] = str(self.redis_tls_cafile)
+        return kw
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

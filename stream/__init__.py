@@ -1,0 +1,1 @@
+"""Streaming detector: Faust app, agents, tables, scoring."""
