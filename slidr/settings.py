@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:16379/0", description="Profile cache (rediss:// for TLS).")
     redis_password: SecretStr | None = Field(None, description="Redis AUTH password (overrides the URL's).")
     redis_tls_cafile: Path | None = Field(None, description="CA bundle for a rediss:// server.")
+    redis_key_prefix: str = Field("slidr", description="Namespace of every Redis key slidr reads or writes.")
 
     # --- models and the worker ---------------------------------------------------------------
     registry_path: Path = Field(Path(".slidr/registry"), description="Model registry folder.")

@@ -25,7 +25,7 @@ fetch() {
   command -v mvn >/dev/null || { log "Maven (mvn) is required to fetch the Kafka jars"; exit 1; }
   log "fetching org.apache.kafka:kafka_2.13:$VERSION and its runtime dependencies from Maven Central"
   mkdir -p "$LIBS.tmp"
-  mvn -q -B -f "$HERE/pom.xml" -Dkafka.version="$VERSION" dependency:copy-dependencies \
+  mvn -q -B -Dstyle.color=never -f "$HERE/pom.xml" -Dkafka.version="$VERSION" dependency:copy-dependencies \
       -DincludeScope=runtime -DoutputDirectory="$LIBS.tmp"
   rm -rf "$LIBS" && mv "$LIBS.tmp" "$LIBS"
 }

@@ -1,0 +1,64 @@
+"""Every knob of the model pipeline, with its default and why (nanoGPT style: one place, commented).
+
+Override from Python (``TrainConfig(epochs=3)``) or from the CLI (``--set epochs=3``). The whole config is
+written into the model's manifest.json, so a model folder says how it was made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class TrainConfig:
+    # --- weak labels -------------------------------------------------------------------------
+    rfm_threshold: float = 0.7  # customer rfm_score >= this -> human (label 0) even without a purchase
+    # --- time split: the last `test_days` days are the test set, the `val_days` before them validation
+    test_days: int = 1
+    val_days: int = 1
+    # --- sample weights ----------------------------------------------------------------------
+    use_weights: bool = True  # equal total weight per (hour-of-day x day-of-week x logged-in x label) cell
+    weight_clip: float = 50.0  # cap on a row's weight relative to the mean (tiny cells would dominate)
+    # --- model -------------------------------------------------------------------------------
+    model: str = "mlp"  # mlp | logreg | heuristic
+    hidden: tuple[int, int] = (64, 32)  # the MLP's two hidden layers (three fully connected layers in all)
+    weight_decay: float = 1e-4  # L2 on the hidden layers' weights only (not the output layer, not biases)
+    lr: float = 3e-3  # Adam learning rate
+    batch_size: int = 1024
+    epochs: int = 30  # upper bound; early stopping usually ends sooner
+    patience: int = 3  # epochs without validation improvement before stopping (best weights are restored)
+    max_train_rows: int = 0  # subsample the training set to this many rows (0 = all)
+    seed: int = 1
+    threads: int = 0  # torch intra-op threads (0 = torch's default)
+    progress: bool = True  # progress bar while training
+    # --- heuristic baseline: score = max(c1m / (c1m + h1m), c1h / (c1h + h1h)), monotone in velocity
+    heuristic_half_1m: float = 5.0  # 1-min clicks at which the 1-min term reaches 0.5
+    heuristic_half_1h: float = 60.0  # 1-h clicks at which the 1-h term reaches 0.5
+    # --- metrics -----------------------------------------------------------------------------
+    coverage_k: int = 30  # "robotic" = a click of a user key with > k clicks in that clock hour
+    # --- calibration -------------------------------------------------------------------------
+    fpr_budget: float = 0.01  # overall share of purchasing clicks we accept to invalidate
+    coverage_floor: float = 0.5  # every slice must invalidate at least this share of its robotic clicks
+    fit_span: float = 4.0  # fit each slice's IVR(FPR) quadratic on FPR in [0, fit_span * budget]
+    min_slice_purchases: int = 20  # slices with fewer purchases keep the global threshold (FPR is noise)
+    curve_points: int = 400  # thresholds per IVR-FPR curve (quantile grid of the scores)
+    # --- report ------------------------------------------------------------------------------
+    ablation_seeds: int = 2  # seeds per variant in the weights ablation (spread = stability)
+    night_hours: tuple[int, ...] = field(default=(0, 1, 2, 3, 4, 5))  # sparse slice used by the ablation
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        known = {f.name: f for f in fields(cls)}
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            if k not in known:
+                raise ValueError(f"unknown config key {k!r}; known: {', '.join(sorted(known))}")
+            out[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**out)
+
+    def replace(self, **kw: Any) -> TrainConfig:
+        return TrainConfig.from_dict({**self.to_dict(), **kw})

@@ -1,0 +1,3 @@
+from slidr.cli import main
+
+main()

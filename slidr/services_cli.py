@@ -1,0 +1,60 @@
+"""``slidr up | down | status | topics``: the local Kafka broker and redis-server, and the topics."""
+
+from __future__ import annotations
+
+import typer
+
+from slidr.settings import get_settings
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def up(topics: bool = typer.Option(True, help="Also create the topics (idempotent).")) -> None:
+        """Start the local Kafka broker (KRaft) and redis-server on loopback; a no-op if they run."""
+        from slidr import services
+
+        s = get_settings()
+        services.up(s)
+        if topics:
+            created = services.create_topics(s)
+            typer.echo(f"topics: {len(created)} created" + (f" ({', '.join(created)})" if created else ""))
+        for line in services.status(s).values():
+            typer.echo(line)
+
+    @app.command()
+    def down() -> None:
+        """Stop the local services that `slidr up` started (by pid file); leaves their data."""
+        from slidr import services
+
+        services.down(get_settings())
+
+    @app.command()
+    def status() -> None:
+        """Say what runs and where. Exit code 3 when a service is stopped."""
+        from slidr import services
+
+        s = get_settings()
+        st = services.status(s)
+        for line in st.values():
+            typer.echo(line)
+        if any(line.endswith("stopped") for line in st.values()):
+            raise typer.Exit(3)
+
+    topics_app = typer.Typer(help="Kafka topics of this deployment (names and partitions: slidr/topics.py).")
+    app.add_typer(topics_app, name="topics")
+
+    @topics_app.command("create")
+    def topics_create(prefix: str = typer.Option(None, help="Topic prefix (default: settings).")) -> None:
+        """Create the topics that are missing (idempotent)."""
+        from slidr import services
+
+        created = services.create_topics(get_settings(), prefix)
+        typer.echo(f"{len(created)} created: {', '.join(created) or '-'}")
+
+    @topics_app.command("list")
+    def topics_list(prefix: str = typer.Option(None, help="Topic prefix (default: settings).")) -> None:
+        """Print the topics slidr expects, with partitions and purpose."""
+        from slidr.topics import topic_specs
+
+        for t in topic_specs(get_settings(), prefix):
+            typer.echo(f"{t.name:40s} {t.partitions:3d}  {t.purpose}")

@@ -1,0 +1,105 @@
+"""Shared fixtures.
+
+Integration tests run against the real local Kafka broker and redis-server. The session fixture ``services``
+reuses ones already answering on the configured addresses, else starts them with the project's own scripts
+(``slidr up``) and stops them at the end. Each test that asks for ``kenv`` gets its own topic prefix (so its
+own topics), its own consumer group / Faust app id, its own Redis key prefix and its own state folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from slidr.settings import Settings
+from slidr.topics import Topics
+
+
+def _answering(s: Settings) -> bool:
+    from slidr import services
+
+    if not services.ping_redis(s):
+        return False
+    try:
+        asyncio.run(services._kafka_metadata(s, 3.0))
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[Settings]:
+    """Base settings pointing at a live broker and Redis (started here if none answers)."""
+    from slidr import services as svc
+
+    s = Settings()
+    started = False
+    if not _answering(s):
+        svc.up(s)
+        started = True
+    yield s
+    if started:
+        svc.down(s)
+
+
+@dataclass
+class KEnv:
+    """One integration test's isolated slice of the shared broker and Redis."""
+
+    settings: Settings
+    topics: Topics
+    prefix: str
+    group: str
+    workdir: Path
+
+
+@pytest.fixture
+def kenv(services: Settings, request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[KEnv]:
+    from slidr.services import create_topics
+
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40]
+    prefix = f"t-{name}-{uuid.uuid4().hex[:8]}"
+    s = services.model_copy(
+        update={
+            "topic_prefix": prefix,
+            "worker_id": f"{prefix}-group",
+            "redis_key_prefix": prefix,
+            "home": tmp_path / "home",
+            "registry_path": tmp_path / "registry",
+            "worker_web_port": 0,
+        }
+    )
+    create_topics(s)
+    yield KEnv(settings=s, topics=Topics(prefix), prefix=prefix, group=s.worker_id, workdir=tmp_path)
+    _cleanup(s, prefix)
+
+
+def _cleanup(s: Settings, prefix: str) -> None:
+    """Delete this test's topics and Redis keys (best effort: a leftover never fails a test)."""
+    import redis
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    async def drop() -> None:
+        admin = AIOKafkaAdminClient(**s.kafka_client_kwargs())
+        await admin.start()
+        try:
+            names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+            if names:
+                await admin.delete_topics(names)
+        finally:
+            await admin.close()
+
+    try:
+        asyncio.run(drop())
+        r = redis.Redis.from_url(s.redis_url, **s.redis_kwargs())
+        keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            r.delete(*keys)
+    except Exception:
+        pass

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+
+from slidr.settings import Settings
+from slidr.topics import Topics, topic_specs
+
+
+def test_env_prefix_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLIDR_KAFKA_BOOTSTRAP", "10.1.2.3:9093")
+    monkeypatch.setenv("SLIDR_PARTITIONS", "12")
+    monkeypatch.setenv("SLIDR_REDIS_URL", "rediss://cache:6380/2")
+    s = Settings()
+    assert (s.kafka_host, s.kafka_port, s.partitions) == ("10.1.2.3", 9093, 12)
+    assert (s.redis_host, s.redis_port) == ("cache", 6380)
+
+
+def test_invalid_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLIDR_PARTITIONS", "0")
+    with pytest.raises(ValueError, match="partitions"):
+        Settings()
+
+
+def test_sasl_ssl_client_kwargs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLIDR_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
+    monkeypatch.setenv("SLIDR_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")
+    monkeypatch.setenv("SLIDR_KAFKA_SASL_USERNAME", "svc")
+    monkeypatch.setenv("SLIDR_KAFKA_SASL_PASSWORD", "s3cret")
+    kw = Settings().kafka_client_kwargs()
+    assert kw["security_protocol"] == "SASL_SSL"
+    assert kw["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert kw["sasl_plain_password"] == "s3cret"
+    assert kw["ssl_context"] is not None
+    assert "s3cret" not in repr(Settings())  # secrets never show in logs
+
+
+def test_topic_names_live_in_one_place() -> None:
+    s = Settings(partitions=6)
+    specs = {t.name: t for t in topic_specs(s, "p")}
+    t = Topics("p")
+    assert set(specs) == {t.clicks, t.purchases, t.decisions, t.dead_letters, t.feature_log}
+    assert specs[t.clicks].partitions == 6
