@@ -9,12 +9,12 @@ have size limits, timestamps are epoch milliseconds inside sane bounds. Any prob
 from __future__ import annotations
 
 import ipaddress
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 MAX_PAYLOAD_BYTES = 4096
 MIN_TS_MS = 946_684_800_000  # 2000-01-01T00:00:00Z: anything earlier is a unit or clock error
 MAX_TS_MS = 4_102_444_800_000  # 2100-01-01T00:00:00Z

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from typing import Any
 
@@ -129,10 +130,8 @@ def test_purchase_decision_and_dead_letter_round_trip() -> None:
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=600))
 def test_decoder_on_arbitrary_bytes_raises_only_schema_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(SchemaError):
         decode_click(data)
-    except SchemaError:
-        pass
 
 
 json_values = st.recursive(
@@ -143,7 +142,7 @@ json_values = st.recursive(
 
 
 @settings(max_examples=500, deadline=None)
-@given(st.dictionaries(st.sampled_from(sorted(click()) + ["customer_id", "logged_in", "x"]), json_values))
+@given(st.dictionaries(st.sampled_from([*sorted(click()), "customer_id", "logged_in", "x"]), json_values))
 def test_decoder_on_arbitrary_json_objects_raises_only_schema_error(obj: dict[str, Any]) -> None:
     for candidate in (obj, {**click(), **obj}):
         try:
