@@ -35,9 +35,6 @@ IP_RANGES = "ip_ranges.jsonl"
 TRUTH = "truth.jsonl"
 META = "meta.json"
 
-STRICT_SAMPLE = 2000  # lines validated strictly even when loading in fast mode (the rest: model_construct)
-
-
 # --------------------------------------------------------------------------------------------------------------
 # writing
 
@@ -50,10 +47,22 @@ def _encode(rec: BaseModel | dict[str, Any] | bytes) -> bytes:
     return orjson.dumps(rec)
 
 
-def write_jsonl(path: Path, records: Iterable[BaseModel | dict[str, Any] | bytes]) -> int:
-    """Write one JSON object per line (atomically: a temp file renamed into place). Returns the line count."""
+Records = Iterable[BaseModel | dict[str, Any] | bytes] | bytes
+
+
+def write_jsonl(path: Path, records: Records) -> int:
+    """Write one JSON object per line (atomically: a temp file renamed into place). Returns the line count.
+
+    ``records`` is an iterable of records / encoded lines, or one ``bytes`` blob of complete JSON lines.
+    """
     tmp = path.with_name(path.name + ".tmp")
     n = 0
+    if isinstance(records, bytes):
+        if records and not records.endswith(b"\n"):
+            records += b"\n"
+        tmp.write_bytes(records)
+        os.replace(tmp, path)
+        return records.count(b"\n")
     with open(tmp, "wb") as f:
         chunk: list[bytes] = []
         for rec in records:
@@ -70,14 +79,17 @@ def write_jsonl(path: Path, records: Iterable[BaseModel | dict[str, Any] | bytes
 
 def write_dataset(
     out: str | Path,
-    clicks: Iterable[Click | dict[str, Any] | bytes],
-    purchases: Iterable[Purchase | dict[str, Any] | bytes],
-    customers: Iterable[dict[str, Any]] = (),
-    ip_ranges: Iterable[dict[str, Any]] = (),
-    truth: Iterable[dict[str, Any] | bytes] | None = None,
+    clicks: Records,
+    purchases: Records,
+    customers: Records = (),
+    ip_ranges: Records = (),
+    truth: Records | None = None,
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write a dataset folder. Records must already be in their final (``ts``-sorted) order.
+
+    Each of clicks/purchases/... is an iterable of models, dicts or encoded JSON lines, or one bytes blob of
+    JSON lines (the simulator's fast path).
 
     ``truth`` None means "no ground truth" (imported data): no ``truth.jsonl`` is written and a stale one is
     removed. ``meta['counts']`` is filled with the line counts.
@@ -118,16 +130,6 @@ def iter_lines(path: Path) -> Iterator[bytes]:
 
 def _read_objects(path: Path) -> list[dict[str, Any]]:
     return [orjson.loads(line) for line in iter_lines(path)]
-
-
-def _load_clicks(path: Path, strict: bool) -> list[Click]:
-    out: list[Click] = []
-    for i, line in enumerate(iter_lines(path)):
-        if strict or i < STRICT_SAMPLE:
-            out.append(Click.model_validate_json(line))
-        else:  # trusted file already sampled strictly: skip per-field validation (about 5x faster)
-            out.append(Click.model_construct(**orjson.loads(line)))
-    return out
 
 
 @dataclass
@@ -209,17 +211,16 @@ class Dataset:
         return m
 
 
-def load_dataset(path: str | Path, *, strict: bool = False, limit: int | None = None) -> Dataset:
-    """Read a dataset folder.
+def load_dataset(path: str | Path, *, limit: int | None = None) -> Dataset:
+    """Read a dataset folder; every click and purchase is validated with the strict wire schema.
 
-    ``strict=False`` (default) validates the first ``STRICT_SAMPLE`` clicks with the strict wire schema and
-    builds the rest without per-field checks (files written by slidr; about 5x faster on 1M clicks).
-    ``strict=True`` validates every line. ``limit`` keeps only the first N clicks (and the purchases of those).
+    (Strict ``model_validate_json`` measured ~4 us per click, faster than orjson + ``model_construct``, so
+    there is no unchecked fast path.) ``limit`` keeps the first N clicks and the purchases attributed to them.
     """
     d = Path(path)
     if not (d / CLICKS).exists():
         raise FileNotFoundError(f"{d} is not a dataset folder: no {CLICKS}")
-    clicks = _load_clicks(d / CLICKS, strict)
+    clicks = [Click.model_validate_json(line) for line in iter_lines(d / CLICKS)]
     purchases = [Purchase.model_validate_json(line) for line in iter_lines(d / PURCHASES)]
     if limit is not None:
         clicks = clicks[:limit]

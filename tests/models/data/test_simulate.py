@@ -1,0 +1,216 @@
+"""The simulator: determinism, schema validity and the archetypes' statistical signatures (small scenario)."""
+
+from __future__ import annotations
+
+import filecmp
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import orjson
+import pytest
+
+from models.data.dataset import load_dataset
+from models.data.simulate import ARCHETYPES, DAY_MS, HOUR_MS, Simulation, load_scenario, simulate
+from schemas.events import SLICES, Click, decode_click, decode_purchase
+
+SEED = 7
+FILES = ("clicks.jsonl", "purchases.jsonl", "customers.jsonl", "ip_ranges.jsonl", "truth.jsonl", "meta.json")
+
+
+@pytest.fixture(scope="module")
+def sim() -> Simulation:
+    return simulate("small", SEED)
+
+
+@pytest.fixture(scope="module")
+def folder(sim: Simulation, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return sim.write(tmp_path_factory.mktemp("small"))
+
+
+@pytest.fixture(scope="module")
+def clicks(sim: Simulation) -> list[dict]:
+    return [orjson.loads(x) for x in sim.click_lines()]
+
+
+def _ukey(c: dict) -> str:
+    return f"c:{c['customer_id']}" if c["customer_id"] else f"s:{c['session_id']}"
+
+
+def _arch(sim: Simulation, name: str) -> np.ndarray:
+    return sim.archetype == ARCHETYPES.index(name)
+
+
+def test_same_seed_is_byte_identical(folder: Path, tmp_path: Path) -> None:
+    again = simulate("small", SEED).write(tmp_path / "again")
+    for f in FILES:
+        assert filecmp.cmp(folder / f, again / f, shallow=False), f
+    other = simulate("small", SEED + 1).write(tmp_path / "other")
+    assert (folder / "clicks.jsonl").read_bytes() != (other / "clicks.jsonl").read_bytes()
+    assert (folder / "truth.jsonl").read_bytes() != (other / "truth.jsonl").read_bytes()
+
+
+def test_every_record_validates_strictly(sim: Simulation, folder: Path) -> None:
+    lines = sim.click_lines()
+    assert 25_000 <= len(lines) <= 40_000
+    prev = 0
+    for line in lines:
+        c = decode_click(line)
+        assert c.to_json() == line  # the file holds exactly the wire bytes
+        assert c.ts >= prev
+        prev = c.ts
+    ids = {orjson.loads(x)["click_id"]: orjson.loads(x)["ts"] for x in lines}
+    assert len(ids) == len(lines)
+    prev = 0
+    for line in sim.purchase_lines():
+        p = decode_purchase(line)
+        assert p.ts >= prev and p.click_id in ids and p.ts > ids[p.click_id]
+        prev = p.ts
+    ds = load_dataset(folder)
+    assert len(ds) == len(lines) and ds.truth is not None and len(ds.truth) == len(lines)
+    assert ds.is_bot is not None and (ds.is_bot == sim.is_bot).all()
+    assert len(ds.purchased_click_ids) == len(ds.purchases) and ds.purchased.sum() == len(ds.purchases)
+    assert {c.platform for c in ds.clicks} == {"desktop", "mobile", "app"}
+    assert len({c.advertiser_id for c in ds.clicks}) >= 10 and len({c.ad_id for c in ds.clicks}) >= 100
+    assert len(ds.ip_ranges) > 10 and all(r["datacenter"] for r in ds.ip_ranges)
+    for cu in ds.customers.values():
+        assert 0.0 <= cu["rfm_score"] <= 1.0
+
+
+def test_truth_is_not_in_the_clicks(sim: Simulation) -> None:
+    line = sim.click_lines()[0]
+    assert b"is_bot" not in line and b"archetype" not in line
+    assert set(orjson.loads(line)) == set(Click.model_fields)
+
+
+def test_bot_share_per_slice_matches_the_scenario(sim: Simulation) -> None:
+    sc = load_scenario("small")
+    for i, s in enumerate(SLICES):
+        m = sim.slice_index == i
+        assert m.sum() > 1000
+        assert abs(sim.is_bot[m].mean() - sc["slices"][s]["bot_share"]) < 0.01, s
+    present = {ARCHETYPES[a] for a in np.unique(sim.archetype)}
+    assert present == set(ARCHETYPES)
+
+
+def test_gateways_carry_many_humans(sim: Simulation, clicks: list[dict]) -> None:
+    users: dict[str, set[str]] = defaultdict(set)
+    for c, bot in zip(clicks, sim.is_bot.tolist(), strict=True):
+        if not bot:
+            users[c["ip"]].add(_ukey(c))
+    big = sorted((len(u) for u in users.values()), reverse=True)
+    assert big[0] >= 100 and big[9] >= 30  # carrier NAT / office gateways
+    assert np.median([len(u) for u in users.values()]) <= 2  # most homes: one or two users
+
+
+def test_purchases_follow_human_clicks(sim: Simulation, clicks: list[dict]) -> None:
+    idx = {c["click_id"]: i for i, c in enumerate(clicks)}
+    bought = np.array([idx[orjson.loads(p)["click_id"]] for p in sim.purchase_lines()])
+    bot_buys = int(sim.is_bot[bought].sum())
+    assert bot_buys == sim.meta["bot_purchases"] <= 4  # accidents only (rate 0.0002 on ~3.6k bot clicks)
+    share = (len(bought) - bot_buys) / int((~sim.is_bot).sum())
+    assert 0.01 < share < 0.06  # a few % of human clicks
+    delays = np.array([orjson.loads(p)["ts"] for p in sim.purchase_lines()]) - sim.ts[bought]
+    assert delays.min() >= 60_000 and 5 * 60_000 < np.median(delays) < 3 * HOUR_MS
+
+
+def test_high_rfm_customers_buy_more(folder: Path) -> None:
+    ds = load_dataset(folder)
+    rfm = np.array([ds.customers[c.customer_id]["rfm_score"] if c.customer_id else -1 for c in ds.clicks])
+    human = ~ds.is_bot  # type: ignore[operator]
+    hi, lo = human & (rfm >= 0.6), human & (rfm >= 0) & (rfm < 0.3)
+    assert ds.purchased[hi].mean() > 1.5 * ds.purchased[lo].mean()
+    scores = np.array([c["rfm_score"] for c in ds.customers.values()])
+    assert np.median(scores) < 0.5 and (scores > 0.7).mean() > 0.02  # most modest, a share high
+
+
+def _gaps_by_user(sim: Simulation, clicks: list[dict], mask: np.ndarray) -> np.ndarray:
+    last: dict[str, int] = {}
+    gaps = []
+    for i in np.flatnonzero(mask).tolist():
+        k = _ukey(clicks[i])
+        if k in last:
+            gaps.append(clicks[i]["ts"] - last[k])
+        last[k] = clicks[i]["ts"]
+    return np.array(gaps)
+
+
+def test_bursty_bots_have_short_gaps(sim: Simulation, clicks: list[dict]) -> None:
+    bursty = _gaps_by_user(sim, clicks, _arch(sim, "bursty"))
+    human = _gaps_by_user(sim, clicks, _arch(sim, "human"))
+    assert np.median(bursty) < 3_000
+    assert np.median(human) > 20_000
+
+
+def test_low_and_slow_bots_click_few_times_an_hour(sim: Simulation, clicks: list[dict]) -> None:
+    per_hour: dict[tuple[str, int], int] = defaultdict(int)
+    per_user: dict[str, int] = defaultdict(int)
+    for i in np.flatnonzero(_arch(sim, "low_slow")).tolist():
+        k = _ukey(clicks[i])
+        per_hour[k, clicks[i]["ts"] // HOUR_MS] += 1
+        per_user[k] += 1
+    assert max(per_hour.values()) <= 5 and np.mean(list(per_hour.values())) < 2
+    assert np.median(list(per_user.values())) >= 8  # persistent over the day
+
+
+def test_many_clicks_alone_is_not_bot(sim: Simulation, clicks: list[dict]) -> None:
+    n_by_user: dict[str, int] = defaultdict(int)
+    for c in clicks:
+        n_by_user[_ukey(c)] += 1
+    n = np.array([n_by_user[_ukey(c)] for c in clicks])
+    # a third of bot clicks come from keys with at most 5 clicks (botnets, rotation) ...
+    assert (n[sim.is_bot] <= 5).mean() > 0.3
+    # ... while busy humans reach counts as high as the typical bursty bot
+    assert np.percentile(n[~sim.is_bot], 99.9) > np.median(n[_arch(sim, "bursty")]) / 3
+    # residential botnets: most of their IPs carry at most 3 clicks
+    ips: dict[str, int] = defaultdict(int)
+    for i in np.flatnonzero(_arch(sim, "resi_botnet")).tolist():
+        ips[clicks[i]["ip"]] += 1
+    assert np.mean([v <= 3 for v in ips.values()]) > 0.9
+
+
+def test_datacenter_flag_is_not_decisive(sim: Simulation, folder: Path, clicks: list[dict]) -> None:
+    ds = load_dataset(folder)
+    dc = np.array([c["ip"].rsplit(".", 1)[0] in ds.datacenter_prefixes for c in clicks])
+    assert dc[_arch(sim, "dc_rotation")].all()
+    assert (dc & ~sim.is_bot).sum() > 100  # corporate-VPN humans
+    assert (~dc & sim.is_bot).sum() > (dc & sim.is_bot).sum()
+
+
+def test_drift_archetype_appears_only_from_its_day(sim: Simulation) -> None:
+    start = sim.meta["drift"]["start_ms"]
+    assert start == sim.meta["start_ms"] + DAY_MS // 2
+    farm = _arch(sim, "app_farm")
+    assert farm.sum() > 50 and sim.ts[farm].min() >= start
+    assert farm[sim.ts >= start].sum() == farm.sum()
+
+
+def test_no_purchases_in_label_outage(sim: Simulation) -> None:
+    (a, b), = sim.meta["label_outages"]
+    assert b - a == 2 * HOUR_MS
+    p_ts = np.array([orjson.loads(p)["ts"] for p in sim.purchase_lines()])
+    assert not ((p_ts >= a) & (p_ts < b)).any()
+    assert ((p_ts >= a - 2 * HOUR_MS) & (p_ts < a)).sum() > 10  # purchases right before it are kept
+
+
+def test_rhythms_differ_by_slice(sim: Simulation, clicks: list[dict]) -> None:
+    def peak(platform: str) -> int:
+        hours = [(c["ts"] // 60_000 + (c["tz_offset_min"] or 0)) // 60 % 24 for c, b in
+                 zip(clicks, sim.is_bot.tolist(), strict=True) if c["platform"] == platform and not b]
+        return int(np.bincount(hours, minlength=24).argmax())
+
+    assert 9 <= peak("desktop") <= 17 and 18 <= peak("app") <= 23
+    night = _arch(sim, "night")
+    local_h = [(c["ts"] // 60_000 + (c["tz_offset_min"] or 0)) // 60 % 24
+               for c, m in zip(clicks, night.tolist(), strict=True) if m and c["tz_offset_min"] is not None]
+    assert np.mean([h < 7 for h in local_h]) > 0.9
+
+
+def test_overrides_and_scenario_files(tmp_path: Path) -> None:
+    f = tmp_path / "tiny.json"
+    f.write_bytes(orjson.dumps({"name": "tiny", "days": 0.25, "clicks": 3000}))
+    s = simulate(f, 1, clicks=2000)
+    assert s.meta["scenario"] == "tiny" and 1900 <= s.n_clicks <= 2000
+    assert s.ts.max() < s.meta["start_ms"] + DAY_MS // 4
+    with pytest.raises(ValueError):
+        load_scenario("no-such-scenario")
