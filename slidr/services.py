@@ -124,3 +124,22 @@ async def create_topics_async(s: Settings, specs: list[TopicSpec]) -> list[str]:
 
 def create_topics(s: Settings, prefix: str | None = None) -> list[str]:
     return asyncio.run(create_topics_async(s, topic_specs(s, prefix)))
+
+
+async def drop_topics_async(s: Settings, prefix: str) -> list[str]:
+    """Delete every topic whose name starts with ``prefix`` (a test's or a demo run's); return them."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**s.kafka_client_kwargs())
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        if names:
+            await admin.delete_topics(names)
+        return names
+    finally:
+        await admin.close()
+
+
+def drop_topics(s: Settings, prefix: str) -> list[str]:
+    return asyncio.run(drop_topics_async(s, prefix))

@@ -58,3 +58,20 @@ def register(app: typer.Typer) -> None:
 
         for t in topic_specs(get_settings(), prefix):
             typer.echo(f"{t.name:40s} {t.partitions:3d}  {t.purpose}")
+
+    @app.command()
+    def demo(
+        work: str = typer.Option(".slidr/demo", help="Folder for the data, model, report and logs."),
+        scenario: str = typer.Option("default", help="Simulator scenario (name or JSON file)."),
+        seed: int = typer.Option(7, help="Simulator seed."),
+        hours: float = typer.Option(1.0, help="Hours of (the end of) the simulated traffic to stream."),
+        fpr_budget: float = typer.Option(None, help="Overall FPR budget for calibration (default: config)."),
+        keep_topics: bool = typer.Option(False, help="Keep this run's topics afterwards."),
+    ) -> None:
+        """The main job: services, simulation, training, calibration, live scoring, and a printed summary."""
+        from pathlib import Path
+
+        from slidr.demo import run_demo
+
+        run_demo(Path(work), scenario=scenario, seed=seed, hours=hours, fpr_budget=fpr_budget,
+                 keep_topics=keep_topics)

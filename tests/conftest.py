@@ -83,20 +83,11 @@ def kenv(services: Settings, request: pytest.FixtureRequest, tmp_path: Path) -> 
 def _cleanup(s: Settings, prefix: str) -> None:
     """Delete this test's topics and Redis keys (best effort: a leftover never fails a test)."""
     import redis
-    from aiokafka.admin import AIOKafkaAdminClient
 
-    async def drop() -> None:
-        admin = AIOKafkaAdminClient(**s.kafka_client_kwargs())
-        await admin.start()
-        try:
-            names = [t for t in await admin.list_topics() if t.startswith(prefix)]
-            if names:
-                await admin.delete_topics(names)
-        finally:
-            await admin.close()
+    from slidr.services import drop_topics
 
     try:
-        asyncio.run(drop())
+        drop_topics(s, prefix)
         r = redis.Redis.from_url(s.redis_url, **s.redis_kwargs())
         keys = list(r.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
