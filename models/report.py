@@ -1,0 +1,298 @@
+"""``slidr report``: one Markdown file with PNG plots beside it (matplotlib, Agg backend).
+
+Sections: baselines (MLP from the model folder vs logistic regression and the velocity heuristic trained
+here on the same data), IVR-FPR curves per slice with the calibrated operating points, global vs slice-level
+calibration at the same FPR budget, per-archetype recall/precision (simulated data), weights ablation.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.calibrate import global_calibration, slice_calibration
+from models.config import TrainConfig
+from models.labels import TEST, VAL
+from models.metrics import curve, evaluate, ivr_at_fpr, recall_at_fir, roc_auc, row_thresholds, threshold_at_fpr
+from models.pipeline import CALIBRATION, MANIFEST, MODEL, load_training_data, read_json, write_json
+from models.train import TrainingData
+
+log = logging.getLogger(__name__)
+
+
+def _f(v: Any, nd: int = 4) -> str:
+    if v is None or (isinstance(v, float) and not np.isfinite(v)):
+        return "-"
+    return f"{v:.{nd}f}" if isinstance(v, (float, np.floating)) else str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def _scores_of(kind: str, td: TrainingData, cfg: TrainConfig) -> tuple[np.ndarray, dict[str, Any]]:
+    from models.nets import predict
+    from models.train import train
+
+    model, hist = train(td, cfg.replace(model=kind, progress=False), kind)
+    return predict(model, td.x), hist
+
+
+def baselines(td: TrainingData, mlp_scores: np.ndarray, cfg: TrainConfig) -> dict[str, dict[str, Any]]:
+    """Test-split figures of the MLP and the two baselines at the same single-threshold FPR budget."""
+    out: dict[str, dict[str, Any]] = {}
+    te, va = td.rows(TEST), td.rows(VAL)
+    for kind in ("mlp", "logreg", "heuristic"):
+        s = mlp_scores if kind == "mlp" else _scores_of(kind, td, cfg)[0]
+        t = threshold_at_fpr(s[va], td.purchased[va], cfg.fpr_budget)  # chosen on validation
+        flag = s[te] >= t
+        row: dict[str, Any] = {
+            "auc": roc_auc(s[te], td.label[te]),
+            "ivr_at_budget_test": ivr_at_fpr(s[te], td.purchased[te], cfg.fpr_budget),
+            "val_threshold_ivr": float(flag.mean()),
+            "val_threshold_fpr": float(flag[td.purchased[te]].mean()) if td.purchased[te].any() else None,
+        }
+        tr = td.truth(te)
+        if tr is not None:
+            row["recall_at_1pct_fir"] = recall_at_fir(s[te], tr[0], tr[1], 0.01)["bot_recall"]
+        out[kind] = row | {"scores": s}
+    return out
+
+
+def _plot_curves(path: Path, td: TrainingData, s: np.ndarray, cal_slice: dict[str, Any],
+                 cal_global: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    va = td.rows(VAL)
+    names = sorted(set(td.slices[va].tolist()))
+    cols = 3
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    for ax, name in zip(axes.ravel(), names, strict=False):
+        m = va & (td.slices == name)
+        c = curve(s[m], td.purchased[m], td.heavy[m], points=400)
+        ax.plot(c.fpr, c.ivr, lw=1.2, label="IVR(FPR)")
+        ft = cal_slice["validation"]["slices"].get(name, {})
+        a, b, q = ft.get("fit_abc", [0, 0, 0])
+        if not ft.get("pinned", True):
+            f = np.linspace(0, ft["fit_fpr_max"], 50)
+            ax.plot(f, a + b * f + q * f * f, "--", lw=1, label="concave fit")
+        for cal, mk, lab in ((cal_slice, "o", "slice-level"), (cal_global, "s", "global")):
+            t = cal["thresholds"].get(name, cal["default_threshold"])
+            fl = s[m] >= t
+            fpr = fl[td.purchased[m]].mean() if td.purchased[m].any() else 0.0
+            ax.plot([fpr], [fl.mean()], mk, ms=7, label=lab)
+        ax.set_xlim(0, min(1.0, max(0.05, 6 * float(cal_slice["fpr_budget"] or 0.01))))
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("FPR (purchasing clicks invalidated)")
+        ax.set_ylabel("IVR")
+        ax.grid(alpha=0.3)
+    for ax in axes.ravel()[len(names):]:
+        ax.axis("off")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_bars(path: Path, title: str, groups: dict[str, dict[str, float]], ylabel: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = sorted({k for g in groups.values() for k in g})
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(keys) * len(groups) / 2), 3.4))
+    w = 0.8 / max(len(groups), 1)
+    for j, (gname, vals) in enumerate(groups.items()):
+        ax.bar(np.arange(len(keys)) + j * w, [vals.get(k, 0.0) or 0.0 for k in keys], w, label=gname)
+    ax.set_xticks(np.arange(len(keys)) + w * (len(groups) - 1) / 2, keys, rotation=20, fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def weights_ablation(td: TrainingData, cfg: TrainConfig) -> dict[str, Any]:
+    """MLP with vs without sample weights over a few seeds: overall and night-hour figures on the test day.
+
+    Stability = the spread across seeds of the night-hour IVR at the validation-chosen threshold, and how
+    far night IVR sits from day IVR.
+    """
+    te, va = td.rows(TEST), td.rows(VAL)
+    night = np.isin(td.hour, np.array(cfg.night_hours))
+    out: dict[str, Any] = {}
+    for use in (True, False):
+        runs = []
+        per_hour = []
+        for seed in range(cfg.ablation_seeds):
+            s, _ = _scores_of("mlp", td, cfg.replace(use_weights=use, seed=cfg.seed + seed))
+            t = threshold_at_fpr(s[va], td.purchased[va], cfg.fpr_budget)
+            flag = s >= t
+            mn, md = te & night, te & ~night
+            r = {"auc": roc_auc(s[te], td.label[te]), "night_auc": roc_auc(s[mn], td.label[mn]),
+                 "night_ivr": float(flag[mn].mean()) if mn.any() else float("nan"),
+                 "day_ivr": float(flag[md].mean()) if md.any() else float("nan"),
+                 "night_fpr": float(flag[mn & td.purchased].mean()) if (mn & td.purchased).any() else float("nan")}
+            tr = td.truth(mn)
+            if tr is not None:
+                r["night_bot_recall"] = float(flag[mn][tr[0]].mean()) if tr[0].any() else float("nan")
+            runs.append(r)
+            per_hour.append([float(flag[te & (td.hour == h)].mean()) if (te & (td.hour == h)).any()
+                             else float("nan") for h in range(24)])
+        keys = runs[0].keys()
+        out["weighted" if use else "unweighted"] = {
+            "mean": {k: float(np.nanmean([r[k] for r in runs])) for k in keys},
+            "std": {k: float(np.nanstd([r[k] for r in runs])) for k in keys},
+            "per_hour_ivr": np.nanmean(np.array(per_hour), axis=0).tolist(),
+            "per_hour_ivr_std": np.nanstd(np.array(per_hour), axis=0).tolist(),
+        }
+    return out
+
+
+def _plot_ablation(path: Path, ab: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.4))
+    for name, r in ab.items():
+        m, sd = np.array(r["per_hour_ivr"]), np.array(r["per_hour_ivr_std"])
+        ax.plot(range(24), m, marker="o", ms=3, label=name)
+        ax.fill_between(range(24), m - sd, m + sd, alpha=0.2)
+    ax.set_xlabel("hour of day (local)")
+    ax.set_ylabel("IVR on the test day")
+    ax.set_title("weights ablation: IVR by hour (mean ± std over seeds)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool = True,
+                 td: TrainingData | None = None) -> Path:
+    """Write ``out/report.md`` (+ PNGs and report.json) for a calibrated model folder; return its path."""
+    from models.export import score_onnx
+
+    t0 = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_json(model_dir / MANIFEST)
+    cfg = TrainConfig.from_dict(manifest.get("config", {}))
+    td = td or load_training_data(data_dir, cfg)
+    s = score_onnx(model_dir / MODEL, td.x)
+    cal = read_json(model_dir / CALIBRATION)
+    budget = float(cal.get("fpr_budget") or cfg.fpr_budget)
+    cfg = cfg.replace(fpr_budget=budget)
+    va, te = td.rows(VAL), td.rows(TEST)
+    md: list[str] = [f"# slidr model report: {manifest['model_version']}", "",
+                     f"Data: `{data_dir}` ({manifest.get('data_dir', '')}), {len(td.x)} clicks; "
+                     f"train/val/test rows {int(td.rows(0).sum())}/{int(va.sum())}/{int(te.sum())}; "
+                     f"FPR budget {budget:g}; coverage floor {cfg.coverage_floor:g} (k = {cfg.coverage_k}).", ""]
+    figures: dict[str, Any] = {"model_version": manifest["model_version"], "fpr_budget": budget}
+
+    # --- baselines -----------------------------------------------------------------------------------------
+    bl = baselines(td, s, cfg)
+    truth = td.truth(te) is not None
+    hdr = ["model", "test AUC", f"test IVR @ FPR<={budget:g}", "IVR (val thr.)", "FPR (val thr.)"]
+    hdr += ["bot recall @ 1% FIR"] if truth else []
+    rows = [[k, r["auc"], r["ivr_at_budget_test"], r["val_threshold_ivr"], r["val_threshold_fpr"]]
+            + ([r["recall_at_1pct_fir"]] if truth else []) for k, r in bl.items()]
+    md += ["## Baselines (held-out test day, one threshold)", "",
+           "IVR at the budget: the best single threshold on the test day itself; (val thr.): the threshold "
+           "chosen on the validation day applied to the test day.", "", _table(hdr, rows), ""]
+    figures["baselines"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"} for k, r in bl.items()}
+
+    # --- calibration: global vs slice-level -----------------------------------------------------------------
+    args = (s[va], td.purchased[va], td.heavy[va], td.slices[va])
+    cal_g = global_calibration(*args, budget, cfg.coverage_floor, cfg.curve_points)
+    cal_knee = global_calibration(*args, None, cfg.coverage_floor, cfg.curve_points)
+    try:
+        cal_s = slice_calibration(*args, budget, cfg.coverage_floor, cfg.fit_span, cfg.min_slice_purchases,
+                                  cfg.curve_points)
+    except ValueError as e:
+        cal_s = None
+        md += [f"Slice-level calibration failed: {e}", ""]
+    cmp_rows = []
+    for name, c in (("global knee", cal_knee), (f"global @ {budget:g}", cal_g), (f"slice @ {budget:g}", cal_s)):
+        if c is None:
+            continue
+        for split_name, m in (("val", va), ("test", te)):
+            thr = row_thresholds(td.slices[m], c["thresholds"], c["default_threshold"])
+            ev = evaluate(s[m], thr, td.purchased[m], td.heavy[m], td.slices[m], td.label[m], td.truth(m))
+            o = ev["overall"]
+            floors = min((v["coverage"] for v in ev["slices"].values() if v["n_robotic"]), default=float("nan"))
+            cmp_rows.append([name, split_name, o["ivr"], o["fpr"], o["coverage"], floors]
+                            + ([o["bot_recall"], o["human_false_invalidation"]] if truth else []))
+    figures["calibration"] = cmp_rows
+    hdr = ["calibration", "split", "IVR", "FPR", "coverage", "min slice coverage"]
+    hdr += ["bot recall", "human FIR"] if truth else []
+    md += ["## Calibration: global vs slice-level", "",
+           "Calibrated on the validation day; the test day shows how it carries over.", "", _table(hdr, cmp_rows), ""]
+    if cal_s is not None:
+        srows = [[k, v["threshold"], v["volume_share"], v["purchase_share"], v["ivr"], v["fpr"], v["fpr_floor"],
+                  v["coverage"], "yes" if v["pinned"] else ""]
+                 for k, v in sorted(cal_s["validation"]["slices"].items())]
+        md += ["Slice-level thresholds (validation):", "",
+               _table(["slice", "threshold", "clicks", "purchases", "IVR", "FPR", "FPR floor", "coverage",
+                       "pinned"], srows), ""]
+        _plot_curves(out / "curves.png", td, s, cal_s, cal_g)
+        md += ["![IVR-FPR curves per slice](curves.png)", ""]
+
+    # --- archetypes ----------------------------------------------------------------------------------------
+    if truth:
+        tr = td.truth(te)
+        assert tr is not None
+        thr = row_thresholds(td.slices[te], cal["thresholds"], cal["default_threshold"])
+        at_cal = evaluate(s[te], thr, td.purchased[te], td.heavy[te], td.slices[te], td.label[te], tr)["truth"]
+        at_fir = recall_at_fir(s[te], tr[0], tr[1], 0.01)
+        arows = [[a, v["n"], "bot" if v["is_bot"] else "human", v["invalidated"], v["precision"],
+                  at_fir["archetypes"][a]["invalidated"]] for a, v in sorted(at_cal["archetypes"].items())]
+        md += ["## Per archetype (simulated truth, test day)", "",
+               f"With the model's own calibration ({cal['method']}): bot recall {_f(at_cal['bot_recall'])}, "
+               f"human false-invalidation {_f(at_cal['human_false_invalidation'])}, precision "
+               f"{_f(at_cal['precision'])}. At <= 1% human false-invalidation (one threshold): bot recall "
+               f"{_f(at_fir['bot_recall'])}.", "",
+               "invalidated = recall for bot archetypes, false-invalidation for human ones; precision = "
+               "flagged_a / (flagged_a + flagged humans).", "",
+               _table(["archetype", "clicks", "kind", "invalidated (calibrated)", "precision (calibrated)",
+                       "invalidated @ 1% FIR"], arows), ""]
+        _plot_bars(out / "archetypes.png", "recall per bot archetype (test day)",
+                   {"calibrated": {a: v["invalidated"] for a, v in at_cal["archetypes"].items() if v["is_bot"]},
+                    "@1% FIR": {a: v["invalidated"] for a, v in at_fir["archetypes"].items() if v["is_bot"]}},
+                   "recall")
+        md += ["![per-archetype recall](archetypes.png)", ""]
+        figures["archetypes"] = {"calibrated": at_cal, "at_1pct_fir": at_fir}
+
+    # --- weights ablation ----------------------------------------------------------------------------------
+    if ablation:
+        ab = weights_ablation(td, cfg)
+        figures["ablation"] = ab
+        keys = list(ab["weighted"]["mean"].keys())
+        arows = [[k, ab["weighted"]["mean"][k], ab["weighted"]["std"][k], ab["unweighted"]["mean"][k],
+                  ab["unweighted"]["std"][k]] for k in keys]
+        md += ["## Sample weights ablation (MLP, test day)", "",
+               f"{cfg.ablation_seeds} seeds per variant; night = local hours {list(cfg.night_hours)}; IVR/FPR at "
+               "the threshold chosen on validation for the FPR budget.", "",
+               _table(["metric", "weighted mean", "weighted std", "unweighted mean", "unweighted std"], arows), ""]
+        _plot_ablation(out / "ablation.png", ab)
+        md += ["![weights ablation](ablation.png)", ""]
+
+    md += [f"_Generated in {time.perf_counter() - t0:.0f} s._", ""]
+    write_json(out / "report.json", figures)
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    return path

@@ -1,0 +1,62 @@
+"""Calibration on synthetic scores (cvxpy; no torch)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cvxpy")
+
+from models.calibrate import CalibrationError, fit_concave_quadratic, global_calibration, slice_calibration
+from models.metrics import rates, row_thresholds
+
+
+def _slices_data(seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Two slices that differ: 'a:out' has many separable bots and few purchases, 'b:in' the reverse."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for name, n, bot_share, buy, sep in (("a:out", 6000, 0.4, 0.01, 3.0), ("b:in", 6000, 0.05, 0.08, 2.5)):
+        bot = rng.random(n) < bot_share
+        purchased = ~bot & (rng.random(n) < buy / (1 - bot_share))
+        score = 1 / (1 + np.exp(-(rng.normal(0, 1, n) + sep * bot - 1.0)))
+        heavy = bot & (rng.random(n) < 0.5)
+        parts.append((score, purchased, heavy, np.full(n, name)))
+    return tuple(np.concatenate(x) for x in zip(*parts, strict=True))
+
+
+def test_concave_fit_is_concave_and_close() -> None:
+    f = np.linspace(0, 0.1, 30)
+    y = 0.3 + 4 * f - 15 * f**2 + np.random.default_rng(0).normal(0, 0.002, 30)
+    a, b, c = fit_concave_quadratic(f, y, 0.1)
+    assert c <= 0 and b + 2 * c * 0.1 >= -1e-9
+    assert (a, b, c) == pytest.approx((0.3, 4, -15), rel=0.2, abs=0.01)
+
+
+def test_slice_level_beats_global_at_same_budget_and_meets_floors() -> None:
+    s, purchased, heavy, slices = _slices_data()
+    budget, floor = 0.05, 0.3
+    cal = slice_calibration(s, purchased, heavy, slices, budget, floor, min_slice_purchases=10)
+    g = global_calibration(s, purchased, heavy, slices, budget)
+    thr = row_thresholds(slices, cal["thresholds"], cal["default_threshold"])
+    r = rates(s >= thr, purchased, heavy)
+    rg = rates(s >= g["default_threshold"], purchased, heavy)
+    assert r["fpr"] <= budget + 1e-12 and rg["fpr"] <= budget + 1e-12
+    assert r["ivr"] > rg["ivr"]
+    for name in ("a:out", "b:in"):
+        m = slices == name
+        assert rates(s[m] >= thr[m], purchased[m], heavy[m])["coverage"] >= floor
+    assert cal["validation"]["overall"]["ivr"] == pytest.approx(r["ivr"])
+
+
+def test_infeasible_budget_names_the_binding_slice() -> None:
+    s, purchased, heavy, slices = _slices_data()
+    with pytest.raises(CalibrationError) as e:
+        slice_calibration(s, purchased, heavy, slices, 0.001, coverage_floor=0.95, min_slice_purchases=10)
+    assert e.value.slice in ("a:out", "b:in") and e.value.slice in str(e.value)
+
+
+def test_global_knee_without_budget() -> None:
+    s, purchased, heavy, slices = _slices_data()
+    g = global_calibration(s, purchased, heavy, slices, None)
+    assert g["method"] == "global" and 0 < g["default_threshold"] < 1
+    assert g["validation"]["global_knee"]["threshold"] == g["default_threshold"]
