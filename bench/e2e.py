@@ -1,0 +1,168 @@
+"""End-to-end throughput of one worker (clicks in -> decisions out) and a raw aiokafka passthrough ceiling.
+
+Both run on the same broker over the same pre-loaded clicks: the worker consumes a backlog of ``n`` clicks and
+we time first -> last decision (worker start-up excluded); the passthrough consumes the same clicks and
+produces each one unchanged to another topic (one consumer + one producer, no decoding) as the ceiling.
+Topics get a unique prefix and are deleted afterwards. ``slidr bench e2e [--set n=20000]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from slidr.settings import Settings
+from slidr.topics import Topics
+
+
+def bench_settings(tag: str, tmp: Path) -> Settings:
+    prefix = f"bench-{tag}-{uuid.uuid4().hex[:8]}"
+    return Settings().model_copy(update={
+        "topic_prefix": prefix, "worker_id": f"{prefix}-group", "redis_key_prefix": prefix,
+        "home": tmp / "home", "registry_path": tmp / "registry", "worker_web_port": 0,
+    })
+
+
+def worker_env(s: Settings) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"SLIDR_TOPIC_PREFIX": s.topic_prefix, "SLIDR_WORKER_ID": s.worker_id,
+                "SLIDR_REDIS_KEY_PREFIX": s.redis_key_prefix, "SLIDR_HOME": str(s.home),
+                "SLIDR_REGISTRY_PATH": str(s.registry_path), "SLIDR_WORKER_WEB_PORT": "0"})
+    return env
+
+
+def start_worker(s: Settings, tmp: Path) -> subprocess.Popen[bytes]:
+    from stream import toymodel
+
+    toymodel.build_registry(s.registry_path, version="toy-bench")
+    return subprocess.Popen([sys.executable, "-m", "slidr", "worker", "--loglevel", "warning"],
+                            env=worker_env(s), stdout=(tmp / "worker.log").open("wb"), stderr=subprocess.STDOUT)
+
+
+def stop_worker(p: subprocess.Popen[bytes]) -> None:
+    p.terminate()
+    try:
+        p.wait(20)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
+async def produce(s: Settings, topic: str, payloads: list[tuple[bytes, bytes]], rate: float | None = None) -> float:
+    """Send (key, value) pairs, paced at ``rate`` per second if given; return the seconds it took."""
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(linger_ms=2, max_batch_size=512 * 1024, **s.kafka_client_kwargs())
+    await p.start()
+    t0 = time.perf_counter()
+    try:
+        futs = []
+        for i, (k, v) in enumerate(payloads):
+            if rate is not None and i % 50 == 0:  # pace in small bursts of 50
+                ahead = t0 + i / rate - time.perf_counter()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            futs.append(await p.send(topic, key=k, value=v))
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+    return time.perf_counter() - t0
+
+
+async def consume_count(s: Settings, topic: str, n: int, timeout_s: float) -> list[Any]:
+    """Read ``topic`` from the start until ``n`` distinct keys arrived; return the messages."""
+    from aiokafka import AIOKafkaConsumer
+
+    c = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **s.kafka_client_kwargs())
+    await c.start()
+    msgs: list[Any] = []
+    keys: set[bytes] = set()
+    t_end = time.monotonic() + timeout_s
+    try:
+        while len(keys) < n and time.monotonic() < t_end:
+            for batch in (await c.getmany(timeout_ms=200, max_records=50_000)).values():
+                msgs.extend(batch)
+                keys.update(m.key for m in batch)
+    finally:
+        await c.stop()
+    return msgs
+
+
+async def passthrough(s: Settings, src: str, dst: str, n: int) -> float:
+    """Consume ``n`` messages and produce each unchanged to ``dst``: the ceiling. Returns seconds."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+    c = AIOKafkaConsumer(src, group_id=f"{s.topic_prefix}-passthrough", auto_offset_reset="earliest",
+                         **s.kafka_client_kwargs())
+    p = AIOKafkaProducer(linger_ms=2, max_batch_size=512 * 1024, **s.kafka_client_kwargs())
+    await c.start()
+    await p.start()
+    seen, t0 = 0, None
+    try:
+        while seen < n:
+            for batch in (await c.getmany(timeout_ms=200, max_records=10_000)).values():
+                if t0 is None:
+                    t0 = time.perf_counter()
+                for m in batch:
+                    await p.send(dst, key=m.key, value=m.value)
+                seen += len(batch)
+        await p.flush()
+        return time.perf_counter() - (t0 or time.perf_counter())
+    finally:
+        await c.stop()
+        await p.stop()
+
+
+async def drop_topics(s: Settings) -> None:
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**s.kafka_client_kwargs())
+    await admin.start()
+    try:
+        names = [t for t in await admin.list_topics() if t.startswith(s.topic_prefix)]
+        if names:
+            await admin.delete_topics(names)
+    finally:
+        await admin.close()
+
+
+def run(n: int = 20_000, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
+    from slidr.services import create_topics_async
+    from slidr.topics import TopicSpec
+    from stream.app import ensure_topics
+    from stream.synth import traffic
+
+    with tempfile.TemporaryDirectory() as tmpd:
+        tmp = Path(tmpd)
+        s = bench_settings("e2e", tmp)
+        t = Topics(s.topic_prefix)
+        try:
+            asyncio.run(ensure_topics(s))
+            asyncio.run(create_topics_async(s, [TopicSpec(f"{s.topic_prefix}.passthrough", s.partitions, "")]))
+            clicks = traffic(n, seed=7)
+            asyncio.run(produce(s, t.clicks, [(c.user_key.encode(), c.to_json()) for c in clicks]))
+            ceiling_s = asyncio.run(passthrough(s, t.clicks, f"{s.topic_prefix}.passthrough", n))
+            w = start_worker(s, tmp)
+            try:
+                msgs = asyncio.run(consume_count(s, t.decisions, n, timeout_s))
+            finally:
+                stop_worker(w)
+            decided = len({m.key for m in msgs})
+            ts = sorted(m.timestamp for m in msgs)  # producer CreateTime of each decision, ms
+            span_s = max((ts[-1] - ts[0]) / 1000.0, 1e-3) if ts else float("nan")
+        finally:
+            asyncio.run(drop_topics(s))
+    if not decided:
+        raise RuntimeError("the worker decided nothing (see its log: run with a smaller n to debug)")
+    worker_rate = decided / span_s
+    ceiling_rate = n / ceiling_s
+    return {"clicks": n, "decided": decided, "partitions": s.partitions, "cpu_cores": os.cpu_count(),
+            "worker_clicks_per_s": round(worker_rate), "worker_first_to_last_decision_s": round(span_s, 2),
+            "passthrough_clicks_per_s": round(ceiling_rate), "ratio_to_ceiling": round(worker_rate / ceiling_rate, 3)}

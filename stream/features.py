@@ -1,0 +1,346 @@
+"""Pure feature functions shared by the stream (Faust tables) and offline training (plain dicts).
+
+Per-entity state is a small JSON-serialisable dict (a Faust table value online, a dict value offline). The
+update functions take ownership of the state they are given (they may mutate it) and return the new state with
+the entity's features for this click. Everything is event time: a replay in the same arrival order recomputes
+the same values bit for bit.
+
+Windows: minute buckets for the last hour and hour buckets for the last day, each a sorted list of
+``[bucket_index, count]`` pairs holding only non-empty buckets. A window of W minutes at a click with event
+time t counts the buckets ``t_bucket - W < b <= t_bucket`` as known when the click arrives (a late click
+lands in its own, older bucket and sees the clicks known around its own time). The 24 h window is 24 hour
+buckets (the current hour + the 23 before it).
+
+Idempotence (at-least-once redelivery): the update functions take an optional ``src = (partition, offset)``,
+the click's position in the upstream topic. Per key and upstream partition positions arrive in increasing
+order, so a state remembers the highest offset applied per upstream partition (at most one entry per
+partition) and ``is_duplicate`` recognises a redelivered copy exactly; ``user_features`` / ``ip_features``
+read a key's features without changing it.
+Expiry: a state whose newest event is more than ``TTL_MS`` older than the click is dropped (a fresh one
+starts); the stream deletes keys idle for longer than ``TTL_MS + EXPIRY_GRACE_MS`` of event time
+(see ``is_expired``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+from operator import itemgetter
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+
+# --- the spec ---------------------------------------------------------------------------------------------
+FEATURE_VERSION = 1
+MINUTE_MS = 60_000
+HOUR_MS = 3_600_000
+DAY_MS = 86_400_000
+USER_WINDOWS_MIN = (1, 5, 60)  # minute-bucket windows per user key (plus 24 h from hour buckets)
+IP_WINDOWS_MIN = (60,)  # minute-bucket windows per IP (plus 24 h)
+TTL_MS = DAY_MS  # state older than this (event time) is dropped
+EXPIRY_GRACE_MS = HOUR_MS  # online key deletion waits this much longer (late clicks within it stay exact)
+GAP_CAP_S = 86_400.0  # seconds since the previous click, capped; also the value for a key's first click
+GAP_EWMA_ALPHA = 0.2  # EWMA weight of the newest log gap
+DISTINCT_CAP = 256  # most recent distinct user keys / sessions remembered per IP (exact below the cap)
+PLATFORMS = ("desktop", "mobile", "app")
+
+FEATURE_NAMES: tuple[str, ...] = (
+    # per user key
+    "u_clicks_1m", "u_clicks_5m", "u_clicks_1h", "u_clicks_24h",
+    "u_gap_s", "u_lgap_mean", "u_lgap_std",
+    # per IP
+    "ip_clicks_1h", "ip_clicks_24h", "ip_users_1h", "ip_users_24h", "ip_sessions_1h", "ip_sessions_24h",
+    # time of day / week on the unit circle (local time when tz_offset_min is known, else UTC)
+    "hour_sin", "hour_cos", "dow_sin", "dow_cos",
+    # click
+    "logged_in", "platform_desktop", "platform_mobile", "platform_app",
+    # profile (Redis): -1 when unknown (anonymous or not in the cache)
+    "rfm_score", "rfm_known", "account_age_days", "ip_datacenter",
+)  # fmt: skip
+N_FEATURES = len(FEATURE_NAMES)
+N_USER = 7
+N_IP = 6
+
+FEATURE_SPEC: dict[str, Any] = {
+    "version": FEATURE_VERSION,
+    "names": list(FEATURE_NAMES),
+    "user_windows_min": [*USER_WINDOWS_MIN, 1440],
+    "ip_windows_min": [*IP_WINDOWS_MIN, 1440],
+    "ttl_ms": TTL_MS,
+    "gap_cap_s": GAP_CAP_S,
+    "gap_ewma_alpha": GAP_EWMA_ALPHA,
+    "distinct_cap": DISTINCT_CAP,
+    "platforms": list(PLATFORMS),
+    "time": "local if tz_offset_min else UTC; hour = fractional hour of day, dow Monday=0",
+}
+FEATURE_SPEC_HASH = hashlib.sha256(orjson.dumps(FEATURE_SPEC, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+class ClickLike(Protocol):
+    """What the feature functions read from a click (``schemas.Click`` has all of it)."""
+
+    @property
+    def click_id(self) -> str: ...
+    @property
+    def ts(self) -> int: ...
+    @property
+    def ip(self) -> str: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def customer_id(self) -> str | None: ...
+    @property
+    def logged_in(self) -> bool: ...
+    @property
+    def platform(self) -> str: ...
+    @property
+    def tz_offset_min(self) -> int | None: ...
+    @property
+    def user_key(self) -> str: ...
+
+
+State = dict[str, Any]
+_first = itemgetter(0)
+
+
+# --- bucket helpers ---------------------------------------------------------------------------------------
+def _bump(buckets: list[list[int]], b: int) -> None:
+    """Add one to bucket ``b`` of a sorted sparse bucket list."""
+    if not buckets or buckets[-1][0] < b:
+        buckets.append([b, 1])
+    elif buckets[-1][0] == b:
+        buckets[-1][1] += 1
+    else:  # late click: its own (older) bucket
+        i = bisect_left(buckets, b, key=_first)
+        if buckets[i][0] == b:
+            buckets[i][1] += 1
+        else:
+            buckets.insert(i, [b, 1])
+
+
+def _window_counts(buckets: list[list[int]], b: int, widths: tuple[int, ...]) -> list[int]:
+    """Clicks in buckets ``b - w < x <= b`` for each width (widths ascending)."""
+    out = [0] * len(widths)
+    lo = b - widths[-1]
+    for x, c in reversed(buckets):
+        if x > b:
+            continue
+        if x <= lo:
+            break
+        age = b - x
+        for i, w in enumerate(widths):
+            if age < w:
+                out[i] += c
+    return out
+
+
+def _prune(buckets: list[list[int]], keep_after: int) -> None:
+    """Drop buckets with index <= keep_after (they left every window)."""
+    k = 0
+    n = len(buckets)
+    while k < n and buckets[k][0] <= keep_after:
+        k += 1
+    if k:
+        del buckets[:k]
+
+
+Src = tuple[int, int] | None  # (upstream partition, upstream offset) of the click, when known
+
+
+def is_duplicate(state: State | None, src: Src) -> bool:
+    """Whether the click at upstream position ``src`` was applied to this state already."""
+    return state is not None and src is not None and state["src"].get(str(src[0]), -1) >= src[1]
+
+
+def _mark(state: State, src: Src) -> None:
+    if src is not None:
+        state["src"][str(src[0])] = src[1]
+
+
+def _fresh(state: State | None, ts: int) -> bool:
+    return state is None or ts - state["hi"] > TTL_MS
+
+
+def is_expired(state: State, now_ms: int) -> bool:
+    """Whether the stream may delete this key: idle for longer than TTL + grace of event time."""
+    return now_ms - int(state["hi"]) > TTL_MS + EXPIRY_GRACE_MS
+
+
+# --- per user key -----------------------------------------------------------------------------------------
+def update_user(state: State | None, click: ClickLike, src: Src = None) -> tuple[State, list[float]]:
+    """Apply one click to a user key's state; return (state, user features in FEATURE_NAMES order).
+    A duplicate (``is_duplicate(state, src)``) changes nothing and gets the current features."""
+    ts = click.ts
+    if state is None or _fresh(state, ts):
+        state = {"hi": ts, "m": [], "h": [], "g": GAP_CAP_S, "lm": math.log1p(GAP_CAP_S), "lv": 0.0,
+                 "src": {}, "new": True}
+    if not is_duplicate(state, src):
+        _mark(state, src)
+        if state.pop("new", False):
+            gap = GAP_CAP_S  # first click of this key: no previous click within the TTL
+        else:
+            gap = min(max(ts - state["hi"], 0) / 1000.0, GAP_CAP_S)  # late click: gap 0
+            lg = math.log1p(gap)
+            d = lg - state["lm"]
+            state["lm"] += GAP_EWMA_ALPHA * d
+            state["lv"] = (1.0 - GAP_EWMA_ALPHA) * (state["lv"] + GAP_EWMA_ALPHA * d * d)
+        state["g"] = gap
+        _bump(state["m"], ts // MINUTE_MS)
+        _bump(state["h"], ts // HOUR_MS)
+        if ts > state["hi"]:
+            state["hi"] = ts
+    feats = user_features(state, click)
+    _prune(state["m"], state["hi"] // MINUTE_MS - 60)  # after counting: a very late click still counts itself
+    _prune(state["h"], state["hi"] // HOUR_MS - 24)
+    return state, feats
+
+
+def user_features(state: State, click: ClickLike) -> list[float]:
+    """A user key's features at this click, read from its state (which must already hold the click)."""
+    m = click.ts // MINUTE_MS
+    h = click.ts // HOUR_MS
+    c1, c5, c60 = _window_counts(state["m"], m, USER_WINDOWS_MIN)
+    (c24,) = _window_counts(state["h"], h, (24,))
+    return [float(c1), float(c5), float(c60), float(c24),
+            float(state["g"]), float(state["lm"]), math.sqrt(state["lv"])]
+
+
+# --- per IP -----------------------------------------------------------------------------------------------
+def _touch(seen: dict[str, int], key: str, ts: int) -> None:
+    """Record ``key`` last seen at ``ts`` in an insertion-ordered capped dict (oldest update evicted)."""
+    old = seen.pop(key, None)
+    seen[key] = ts if old is None or ts > old else old
+    if len(seen) > DISTINCT_CAP:
+        del seen[next(iter(seen))]
+
+
+def _distinct(seen: dict[str, int], ts: int) -> tuple[int, int]:
+    """Distinct keys last seen after ts - 1 h and after ts - 24 h."""
+    lo1 = ts - HOUR_MS
+    lo24 = ts - DAY_MS
+    n1 = n24 = 0
+    for t in seen.values():
+        if t > lo24:
+            n24 += 1
+            if t > lo1:
+                n1 += 1
+    return n1, n24
+
+
+def update_ip(state: State | None, click: ClickLike, src: Src = None) -> tuple[State, list[float]]:
+    """Apply one click to an IP's state; return (state, IP features in FEATURE_NAMES order).
+    A duplicate (``is_duplicate(state, src)``) changes nothing and gets the current features."""
+    ts = click.ts
+    if state is None or _fresh(state, ts):
+        state = {"hi": ts, "m": [], "h": [], "u": {}, "s": {}, "src": {}}
+    if not is_duplicate(state, src):
+        _mark(state, src)
+        _bump(state["m"], ts // MINUTE_MS)
+        _bump(state["h"], ts // HOUR_MS)
+        _touch(state["u"], click.user_key, ts)
+        _touch(state["s"], click.session_id, ts)
+        if ts > state["hi"]:
+            state["hi"] = ts
+    feats = ip_features(state, click)
+    _prune(state["m"], state["hi"] // MINUTE_MS - 60)
+    _prune(state["h"], state["hi"] // HOUR_MS - 24)
+    return state, feats
+
+
+def ip_features(state: State, click: ClickLike) -> list[float]:
+    """An IP's features at this click, read from its state (which must already hold the click)."""
+    ts = click.ts
+    m = ts // MINUTE_MS
+    h = ts // HOUR_MS
+    (c60,) = _window_counts(state["m"], m, IP_WINDOWS_MIN)
+    (c24,) = _window_counts(state["h"], h, (24,))
+    u1, u24 = _distinct(state["u"], ts)
+    s1, s24 = _distinct(state["s"], ts)
+    return [float(c60), float(c24), float(u1), float(u24), float(s1), float(s24)]
+
+
+# --- profiles (the Redis cache's content) -----------------------------------------------------------------
+def customer_key(customer_id: str) -> str:
+    return f"cust:{customer_id}"
+
+
+def ip_range_key(ip: str) -> str:
+    """Cache key of the IP's range: its /24 for IPv4 (``a.b.c.0/24``), its /48 for IPv6."""
+    if ":" in ip:
+        return "ipr:" + ":".join(ip.split(":")[:3]) + "::/48"
+    return "ipr:" + ip.rpartition(".")[0] + ".0/24"
+
+
+def build_profiles(customers: Iterable[Mapping[str, Any]],
+                   ip_ranges: Iterable[Mapping[str, Any]]) -> dict[str, bytes]:
+    """Cache content (key -> value bytes) from customers.jsonl / ip_ranges.jsonl records (cache load)."""
+    out: dict[str, bytes] = {}
+    for c in customers:
+        out[customer_key(str(c["customer_id"]))] = orjson.dumps(
+            [float(c["rfm_score"]), float(c.get("account_age_days", -1.0))])
+    for r in ip_ranges:
+        out["ipr:" + str(r["prefix"])] = b"1" if r.get("datacenter") else b"0"
+    return out
+
+
+def profile_keys(click: ClickLike) -> tuple[str | None, str]:
+    """The cache keys a click's profile needs (customer key or None, IP-range key)."""
+    cid = click.customer_id
+    return (customer_key(cid) if cid is not None else None), ip_range_key(click.ip)
+
+
+def profile_from(cust: bytes | str | None, ipr: bytes | str | None) -> tuple[float, float, float, float]:
+    """(rfm_score, rfm_known, account_age_days, ip_datacenter) from the two cached values (None = missing)."""
+    if cust:
+        rfm, age = orjson.loads(cust)
+        prof = (float(rfm), 1.0, float(age))
+    else:
+        prof = (-1.0, 0.0, -1.0)
+    dc = 1.0 if ipr in (b"1", "1") else 0.0
+    return (*prof, dc)
+
+
+Profile = tuple[float, float, float, float]
+
+
+def lookup_profile(click: ClickLike, get: Callable[[str], bytes | str | None]) -> Profile:
+    ck, ik = profile_keys(click)
+    return profile_from(get(ck) if ck is not None else None, get(ik))
+
+
+# --- the vector -------------------------------------------------------------------------------------------
+_TAU = 2.0 * math.pi
+_PLAT = {p: tuple(1.0 if p == q else 0.0 for q in PLATFORMS) for p in PLATFORMS}
+
+
+def assemble(click: ClickLike, user_feats: list[float], ip_feats: list[float],
+             profile: tuple[float, float, float, float]) -> list[float]:
+    """The full raw feature vector (FEATURE_NAMES order) of one click."""
+    local_ms = click.ts + (click.tz_offset_min or 0) * MINUTE_MS
+    day_frac = (local_ms % DAY_MS) / DAY_MS
+    dow = ((local_ms // DAY_MS) + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
+    a = _TAU * day_frac
+    b = _TAU * dow / 7.0
+    return [*user_feats, *ip_feats,
+            math.sin(a), math.cos(a), math.sin(b), math.cos(b),
+            1.0 if click.logged_in else 0.0, *_PLAT[click.platform],
+            *profile]
+
+
+def featurize(clicks: Iterable[ClickLike], profiles: Mapping[str, bytes | str]) -> np.ndarray:
+    """Offline driver: features of every click in the given (arrival) order, float32 ``(N, F)``."""
+    users: dict[str, State] = {}
+    ips: dict[str, State] = {}
+    rows: list[list[float]] = []
+    get = profiles.get
+    for c in clicks:
+        uk = c.user_key
+        users[uk], uf = update_user(users.get(uk), c)
+        ips[c.ip], ipf = update_ip(ips.get(c.ip), c)
+        rows.append(assemble(c, uf, ipf, lookup_profile(c, get)))
+    if not rows:
+        return np.zeros((0, N_FEATURES), dtype=np.float32)
+    return np.asarray(rows, dtype=np.float32)

@@ -1,0 +1,211 @@
+"""Feature functions: hand-computed expectations and properties."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+
+import numpy as np
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from schemas.events import Click
+from stream import features as F
+from tests.stream.helpers import T0, click, traffic
+
+MIN = F.MINUTE_MS
+
+
+def _run_user(clicks: list[Click]) -> tuple[F.State, list[list[float]]]:
+    st_: F.State | None = None
+    out = []
+    for c in clicks:
+        st_, f = F.update_user(st_, c)
+        out.append(f)
+    assert st_ is not None
+    return st_, out
+
+
+def test_spec_and_hash_are_stable() -> None:
+    assert len(F.FEATURE_NAMES) == F.N_FEATURES == len(set(F.FEATURE_NAMES))
+    assert F.N_USER + F.N_IP + 4 + 4 + 4 == F.N_FEATURES
+    assert len(F.FEATURE_SPEC_HASH) == 64
+    assert F.FEATURE_SPEC["names"] == list(F.FEATURE_NAMES)
+
+
+def test_user_windows_hand_computed() -> None:
+    # clicks at t0, t0+30 s, t0+2 min, t0+10 min, t0+2 h (times aligned to a minute boundary)
+    t0 = (T0 // MIN) * MIN
+    ts = [t0, t0 + 30_000, t0 + 2 * MIN, t0 + 10 * MIN, t0 + 120 * MIN]
+    _, out = _run_user([click(i, t) for i, t in enumerate(ts)])
+    counts = [f[:4] for f in out]
+    assert counts == [[1, 1, 1, 1], [2, 2, 2, 2], [1, 3, 3, 3], [1, 1, 4, 4], [1, 1, 1, 5]]
+    gaps = [f[4] for f in out]
+    assert gaps == [F.GAP_CAP_S, 30.0, 90.0, 480.0, 6600.0]
+    # EWMA of log1p(gap): first value log1p(cap), var 0; then the textbook recursion
+    m, v = math.log1p(F.GAP_CAP_S), 0.0
+    assert out[0][5] == m and out[0][6] == 0.0
+    for g, f in zip(gaps[1:], out[1:], strict=True):
+        d = math.log1p(g) - m
+        m += F.GAP_EWMA_ALPHA * d
+        v = (1 - F.GAP_EWMA_ALPHA) * (v + F.GAP_EWMA_ALPHA * d * d)
+        assert f[5] == m and f[6] == math.sqrt(v)
+
+
+def test_24h_window_and_expiry() -> None:
+    t0 = (T0 // F.HOUR_MS) * F.HOUR_MS
+    ts = [t0, t0 + 23 * F.HOUR_MS, t0 + 24 * F.HOUR_MS]
+    st_, out = _run_user([click(i, t) for i, t in enumerate(ts)])
+    assert [f[3] for f in out] == [1, 2, 2]  # the first click's hour left the 24 hour buckets
+    assert len(st_["h"]) == 2 and len(st_["m"]) == 1
+    # more than the TTL later: a fresh state (first-click gap again)
+    st2, f = F.update_user(st_, click(9, ts[-1] + F.TTL_MS + 1))
+    assert f[:5] == [1, 1, 1, 1, F.GAP_CAP_S]
+    assert not F.is_expired(st2, ts[-1] + F.TTL_MS + 1)
+    assert not F.is_expired(st2, ts[-1] + 1 + 2 * F.TTL_MS + F.EXPIRY_GRACE_MS)
+    assert F.is_expired(st2, ts[-1] + 2 + 2 * F.TTL_MS + F.EXPIRY_GRACE_MS)
+
+
+def test_late_click_lands_in_its_own_bucket() -> None:
+    t0 = (T0 // MIN) * MIN
+    st_, _ = _run_user([click(0, t0), click(1, t0 + 10 * MIN)])
+    st_, f = F.update_user(st_, click(2, t0 + 30_000))  # 9.5 minutes late
+    assert f[:4] == [2, 2, 2, 3]  # minute windows end at its own minute; the 24 h one at its own hour
+    assert f[4] == 0.0  # a late click's gap is 0
+    assert st_["m"] == [[t0 // MIN, 2], [t0 // MIN + 10, 1]]
+    assert st_["hi"] == t0 + 10 * MIN
+
+
+def test_redelivery_is_idempotent() -> None:
+    cs = traffic(300, seed=3)
+    users: dict = {}
+    ips: dict = {}
+    last: list[float] = []
+    for i, c in enumerate(cs):
+        src = (i % 3, i)  # upstream (partition, offset)
+        users[c.user_key], _ = F.update_user(users.get(c.user_key), c, src)
+        ips[c.ip], last = F.update_ip(ips.get(c.ip), c, src)
+    snap_u, snap_i = json.dumps(users, sort_keys=True), json.dumps(ips, sort_keys=True)
+    for i in range(200, 300):  # the tail of the stream redelivered after a crash
+        c = cs[i]
+        assert F.is_duplicate(users[c.user_key], (i % 3, i))
+        users[c.user_key], _ = F.update_user(users[c.user_key], c, (i % 3, i))
+        ips[c.ip], f = F.update_ip(ips[c.ip], c, (i % 3, i))
+    assert f == last  # the last click's features read back unchanged
+    assert json.dumps(users, sort_keys=True) == snap_u
+    assert json.dumps(ips, sort_keys=True) == snap_i
+    assert not F.is_duplicate(users[cs[0].user_key], (0, 300)) and not F.is_duplicate(None, (0, 1))
+
+
+def test_ip_distinct_users_and_sessions() -> None:
+    t0 = T0
+    cs = [
+        click(0, t0, session="a", customer="u1"),
+        click(1, t0 + 1000, session="b"),
+        click(2, t0 + 2000, session="a", customer="u1"),
+        click(3, t0 + 2 * F.HOUR_MS, session="c", customer="u2"),
+    ]
+    st_, out = None, []
+    for c in cs:
+        st_, f = F.update_ip(st_, c)
+        out.append(f)
+    # [clicks 1h, clicks 24h, users 1h, users 24h, sessions 1h, sessions 24h]
+    assert out == [[1, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2], [3, 3, 2, 2, 2, 2], [1, 4, 1, 3, 1, 3]]
+
+
+def test_ip_distinct_set_is_capped() -> None:
+    st_ = None
+    for i in range(F.DISTINCT_CAP + 50):
+        st_, f = F.update_ip(st_, click(i, T0 + i, session=f"s{i}"))
+    assert st_ is not None
+    assert len(st_["u"]) == len(st_["s"]) == F.DISTINCT_CAP
+    assert f[2] == f[3] == F.DISTINCT_CAP
+    assert "s:s0" not in st_["u"] and f"s:s{F.DISTINCT_CAP + 49}" in st_["u"]
+
+
+def test_assemble_time_platform_profile() -> None:
+    # 2024-01-01 (epoch day 19723) was a Monday; 06:00 UTC is a quarter of the day
+    ts = 19723 * F.DAY_MS + 6 * F.HOUR_MS
+    c = click(0, ts, platform="mobile", customer="k1")
+    v = F.assemble(c, [0.0] * F.N_USER, [0.0] * F.N_IP, (0.7, 1.0, 12.0, 0.0))
+    d = dict(zip(F.FEATURE_NAMES, v, strict=True))
+    assert math.isclose(d["hour_sin"], 1.0) and abs(d["hour_cos"]) < 1e-12
+    assert d["dow_sin"] == 0.0 and d["dow_cos"] == 1.0
+    assert (d["logged_in"], d["platform_desktop"], d["platform_mobile"], d["platform_app"]) == (1, 0, 1, 0)
+    assert (d["rfm_score"], d["rfm_known"], d["account_age_days"], d["ip_datacenter"]) == (0.7, 1, 12, 0)
+    # local time: UTC-06:00 makes it midnight local
+    v2 = F.assemble(click(0, ts, tz=-360), [0.0] * 7, [0.0] * 6, (-1.0, 0.0, -1.0, 0.0))
+    assert abs(v2[13]) < 1e-12 and math.isclose(v2[14], 1.0)
+
+
+def test_profiles_build_and_lookup() -> None:
+    prof = F.build_profiles(
+        [{"customer_id": "k1", "rfm_score": 0.25, "account_age_days": 400, "recency_days": 3}],
+        [{"prefix": "10.0.0.0/24", "datacenter": True}, {"prefix": "10.0.1.0/24", "datacenter": False}],
+    )
+    assert F.lookup_profile(click(0, T0, customer="k1", ip="10.0.0.9"), prof.get) == (0.25, 1.0, 400.0, 1.0)
+    assert F.lookup_profile(click(0, T0, ip="10.0.1.9"), prof.get) == (-1.0, 0.0, -1.0, 0.0)
+    assert F.lookup_profile(click(0, T0, customer="nobody", ip="::1"), prof.get) == (-1.0, 0.0, -1.0, 0.0)
+    assert F.ip_range_key("2001:db8:1:2::5") == "ipr:2001:db8:1::/48"
+
+
+def test_featurize_matches_step_by_step_and_json_roundtrip() -> None:
+    cs = traffic(2000, seed=1)
+    X = F.featurize(cs, {})
+    assert X.shape == (2000, F.N_FEATURES) and X.dtype == np.float32
+    # online the state goes through JSON (Faust table values) between every click: same numbers
+    users: dict[str, bytes] = {}
+    ips: dict[str, bytes] = {}
+    rows = []
+    empty: dict[str, bytes] = {}
+    for c in cs:
+        su = orjson.loads(users[c.user_key]) if c.user_key in users else None
+        si = orjson.loads(ips[c.ip]) if c.ip in ips else None
+        su, uf = F.update_user(su, c)
+        si, ipf = F.update_ip(si, c)
+        users[c.user_key], ips[c.ip] = orjson.dumps(su), orjson.dumps(si)
+        rows.append(F.assemble(c, uf, ipf, F.lookup_profile(c, empty.get)))
+    assert np.array_equal(np.asarray(rows, dtype=np.float32), X)
+
+
+ts_lists = st.lists(st.integers(0, 3 * F.HOUR_MS), min_size=1, max_size=60)
+
+
+@settings(max_examples=60, deadline=None)
+@given(ts_lists, st.randoms(use_true_random=False))
+def test_final_bucket_counts_are_order_insensitive(offsets: list[int], rnd: random.Random) -> None:
+    cs = [click(i, T0 + o) for i, o in enumerate(offsets)]
+    a, _ = _run_user(cs)
+    shuffled = cs[:]
+    rnd.shuffle(shuffled)
+    b, _ = _run_user(shuffled)
+    assert a["hi"] == b["hi"]
+    # buckets still inside the windows at the end hold the same counts whatever the order
+    hi_m, hi_h = a["hi"] // MIN, a["hi"] // F.HOUR_MS
+    assert [x for x in a["m"] if x[0] > hi_m - 60] == [x for x in b["m"] if x[0] > hi_m - 60]
+    assert [x for x in a["h"] if x[0] > hi_h - 24] == [x for x in b["h"] if x[0] > hi_h - 24]
+    ia, ib = None, None
+    for c in cs:
+        ia, _ = F.update_ip(ia, c)
+    for c in shuffled:
+        ib, _ = F.update_ip(ib, c)
+    assert ia is not None and ib is not None
+    assert sorted(ia["u"].items()) == sorted(ib["u"].items())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 2 * F.DAY_MS), st.integers(0, 400)), min_size=1, max_size=400))
+def test_state_stays_bounded(events: list[tuple[int, int]]) -> None:
+    su = si = None
+    for i, (o, s) in enumerate(sorted(events)):
+        c = click(i, T0 + o, session=f"s{s}")
+        su, uf = F.update_user(su, c)
+        si, ipf = F.update_ip(si, c)
+        assert all(x >= 0 for x in uf[:4] + ipf)
+        assert uf[0] <= uf[1] <= uf[2] <= uf[3]
+    assert su is not None and si is not None
+    assert len(su["m"]) <= 61 and len(su["h"]) <= 25 and su["src"] == {}
+    assert len(si["u"]) <= F.DISTINCT_CAP and len(si["s"]) <= F.DISTINCT_CAP
+    assert len(orjson.dumps(su)) < 2048
