@@ -54,7 +54,8 @@ def window_dataset(src: Path, out: Path, hours: float) -> dict[str, Any]:
     return {"clicks": len(clicks), "purchases": len(purchases), "start_ms": start, "end_ms": end}
 
 
-async def collect(s: Settings, n_clicks: int, timeout_s: float) -> tuple[dict[str, Any], dict[str, int]]:
+async def collect(s: Settings, n_clicks: int, timeout_s: float, alive: Any = lambda: True
+                  ) -> tuple[dict[str, Any], dict[str, int]]:
     """Read decisions until every click has one (or the timeout); also the clicks' producer timestamps."""
     from aiokafka import AIOKafkaConsumer
 
@@ -70,6 +71,8 @@ async def collect(s: Settings, n_clicks: int, timeout_s: float) -> tuple[dict[st
     deadline = time.monotonic() + timeout_s
     try:
         while len(decisions) < n_clicks and time.monotonic() < deadline:
+            if not alive():
+                raise RuntimeError("the worker exited before deciding every click: see its log")
             batch = await cons.getmany(timeout_ms=500, max_records=20_000)
             for tp, msgs in batch.items():
                 for m in msgs:
@@ -86,26 +89,28 @@ async def collect(s: Settings, n_clicks: int, timeout_s: float) -> tuple[dict[st
     return decisions, lat
 
 
-def summarize(window: Path, decisions: dict[str, Any], latency_ms: dict[str, int], coverage_k: int
-              ) -> dict[str, Any]:
-    """Per-slice IVR / FPR / coverage of the streamed decisions, truth metrics, latency percentiles."""
+def summarize(window: Path, decisions: dict[str, Any], latency_ms: dict[str, int], coverage_k: int,
+              since_ms: int = 0) -> dict[str, Any]:
+    """Per-slice IVR / FPR / coverage of the streamed decisions on clicks at or after ``since_ms`` (the
+    warm-up before it only fills the worker's counters), truth metrics, latency percentiles."""
     from models.data.dataset import load_dataset
     from models.metrics import heavy_mask, rates
 
     ds = load_dataset(window)
-    ids = [c.click_id for c in ds.clicks]
+    heavy_all = heavy_mask(*_user_codes_ts(ds.clicks), coverage_k)
+    keep = np.array([c.ts >= since_ms for c in ds.clicks])
+    clicks = [c for c, k in zip(ds.clicks, keep, strict=True) if k]
+    heavy = heavy_all[keep]
+    ids = [c.click_id for c in clicks]
     decided = np.array([i in decisions for i in ids])
     flag = np.array([i in decisions and not decisions[i].valid for i in ids])
     purchased = np.array([i in ds.purchased_click_ids for i in ids])
-    users = {u: j for j, u in enumerate(sorted({c.user_key for c in ds.clicks}))}
-    heavy = heavy_mask(np.array([users[c.user_key] for c in ds.clicks]), np.array([c.ts for c in ds.clicks]),
-                       coverage_k)
-    slices = np.array([c.slice for c in ds.clicks])
+    slices = np.array([c.slice for c in clicks])
     out: dict[str, Any] = {"clicks": len(ids), "decided": int(decided.sum()),
                            "overall": rates(flag, purchased, heavy), "slices": {}}
     for sl in sorted(set(slices)):
         m = slices == sl
-        out["slices"][sl] = rates(flag[m], purchased[m], heavy[m])
+        out["slices"][str(sl)] = rates(flag[m], purchased[m], heavy[m])
     if ds.truth:
         bot = np.array([ds.truth[i][0] for i in ids])
         out["true_bot_recall"] = float((flag & bot).sum() / max(1, bot.sum()))
@@ -120,11 +125,16 @@ def summarize(window: Path, decisions: dict[str, Any], latency_ms: dict[str, int
     return out
 
 
+def _user_codes_ts(clicks: list[Any]) -> tuple[Any, Any]:
+    users = {u: j for j, u in enumerate(sorted({c.user_key for c in clicks}))}
+    return np.array([users[c.user_key] for c in clicks], dtype=np.int64), np.array([c.ts for c in clicks])
+
+
 def print_summary(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    tab = Table(title=f"streamed decisions: {r['decided']} of {r['clicks']} clicks")
+    tab = Table(title=f"decisions on the last hour(s) streamed: {r['decided']} of {r['clicks']} clicks decided")
     for col in ("slice", "clicks", "IVR", "FPR", "coverage", "true bot recall"):
         tab.add_column(col, justify="right")
 
@@ -144,10 +154,34 @@ def print_summary(r: dict[str, Any]) -> None:
               + ", ".join(f"{k} {v:.0f} ms" for k, v in lm.items()))
 
 
-def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: float = 1.0,
-             fpr_budget: float | None = None, keep_topics: bool = False, timeout_s: float = 600.0) -> dict[str, Any]:
+def train_and_calibrate(data: Path, model: Path, report: Path, fpr_budget: float | None) -> dict[str, Any]:
+    """Train the MLP, calibrate per slice (falling back, loudly, to one global threshold when the slice
+    program is infeasible under the budget), evaluate on the held-out day and write the report."""
+    from models.calibrate import CalibrationError
+    from models.config import TrainConfig
+    from models.pipeline import calibrate_dir, evaluate_dir, load_training_data, train_to_dir
+    from models.report import write_report
+
+    cfg = TrainConfig().replace(model="mlp")
+    td = load_training_data(data, cfg)
+    manifest = train_to_dir(data, model, "mlp", cfg, td)
+    method = "slice"
+    try:
+        calibrate_dir(model, data, fpr_budget, "slice", td)
+    except CalibrationError as e:
+        print(f"   slice-level calibration infeasible: {e}\n   -> using one global threshold at the budget")
+        method = "global"
+        calibrate_dir(model, data, fpr_budget if fpr_budget is not None else cfg.fpr_budget, "global", td)
+    ev = evaluate_dir(model, data, "test", td)
+    rep = write_report(model, data, report, td=td)
+    return {"model_version": manifest["model_version"], "calibration": method, "evaluation": ev,
+            "report": str(rep)}
+
+
+def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: float = 1.0, warmup_hours: float = 3.0,
+             rate: float | None = 500.0, fpr_budget: float | None = None, keep_topics: bool = False,
+             timeout_s: float = 600.0) -> dict[str, Any]:
     from models.data.simulate import simulate_to
-    from models.pipeline import build_model
     from models.registry import publish
     from slidr import services
     from stream import cache
@@ -168,31 +202,35 @@ def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: flo
     _done(t0, f"-> {work / 'data'} {getattr(sim, 'meta', {}).get('counts', '')}")
 
     t0 = _step("3/6 train the MLP, calibrate per slice, evaluate on the held-out day, write the report")
-    res = build_model(work / "data", work / "model", "mlp", fpr_budget, report_dir=work / "report")
+    res = train_and_calibrate(work / "data", work / "model", work / "report", fpr_budget)
+    _done(t0, f"(model {res['model_version']}, calibration: {res['calibration']})")
     ev = res["evaluation"]
-    _done(t0, f"(model {res['model_version']})")
-    print(f"   offline test day: {orjson.dumps(ev.get('overall', {})).decode()[:400]}")
+    print(f"   offline, held-out day: {orjson.dumps(ev.get('overall', {})).decode()[:400]}")
 
     t0 = _step("4/6 publish to the registry, load profiles into Redis")
     version = publish(work / "model", s, activate=True, stable=True)
     n_keys = cache.load(s, cache.profiles_from_dir(work / "data"))
     _done(t0, f"(ACTIVE={version}, {n_keys} profile keys)")
 
-    t0 = _step(f"5/6 start a worker and stream the last {hours:g} h of traffic through Kafka")
+    t0 = _step(f"5/6 start a worker; stream the last {warmup_hours + hours:g} h of traffic through Kafka at "
+               f"{f'{rate:g} clicks/s' if rate else 'full speed'} (the first {warmup_hours:g} h warm up counters)")
     services.create_topics(s)
-    win = window_dataset(work / "data", work / "stream", hours)
+    win = window_dataset(work / "data", work / "stream", warmup_hours + hours)
     env = {**os.environ, "SLIDR_TOPIC_PREFIX": prefix, "SLIDR_WORKER_ID": s.worker_id,
            "SLIDR_REDIS_KEY_PREFIX": prefix, "SLIDR_REGISTRY_PATH": str(s.registry_path),
            "SLIDR_HOME": str(s.home), "SLIDR_WORKER_WEB_PORT": "0"}
+    (s.home / "faust").mkdir(parents=True, exist_ok=True)
     log = (work / "worker.log").open("wb")
     worker = subprocess.Popen([sys.executable, "-m", "slidr", "worker", "--loglevel", "warning"], env=env,
                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         from models.data.produce import produce
 
-        pr = asyncio.run(produce(work / "stream", prefix=prefix, settings=s, restart=True, progress=True))
-        print(f"   produced {pr.clicks if hasattr(pr, 'clicks') else pr} clicks")
-        decisions, lat = asyncio.run(collect(s, win["clicks"], timeout_s))
+        pr = asyncio.run(produce(work / "stream", prefix=prefix, settings=s, restart=True, progress=True,
+                                 rate=rate))
+        print(f"   produced {pr.clicks} clicks + {pr.purchases} purchases in {pr.seconds:.1f} s "
+              f"({pr.clicks_per_s:,.0f} clicks/s)")
+        decisions, lat = asyncio.run(collect(s, win["clicks"], timeout_s, lambda: worker.poll() is None))
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -205,7 +243,8 @@ def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: flo
     t0 = _step("6/6 what billing sees")
     from models.config import TrainConfig
 
-    summary = summarize(work / "stream", decisions, lat, TrainConfig().coverage_k)
+    summary = summarize(work / "stream", decisions, lat, TrainConfig().coverage_k,
+                        since_ms=win["end_ms"] - int(hours * 3_600_000))
     print_summary(summary)
     summary["report"] = res.get("report")
     summary["model_version"] = version

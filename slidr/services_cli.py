@@ -45,18 +45,29 @@ def register(app: typer.Typer) -> None:
 
     @topics_app.command("create")
     def topics_create(prefix: str = typer.Option(None, help="Topic prefix (default: settings).")) -> None:
-        """Create the topics that are missing (idempotent)."""
-        from slidr import services
+        """Create the missing topics, the worker's internal ones included (idempotent)."""
+        import asyncio
 
-        created = services.create_topics(get_settings(), prefix)
+        from slidr import services
+        from slidr.topics import topic_specs
+        from stream.app import internal_topics
+
+        s = get_settings()
+        if prefix:
+            s = s.model_copy(update={"topic_prefix": prefix})
+        created = asyncio.run(services.create_topics_async(s, topic_specs(s) + internal_topics(s)))
         typer.echo(f"{len(created)} created: {', '.join(created) or '-'}")
 
     @topics_app.command("list")
     def topics_list(prefix: str = typer.Option(None, help="Topic prefix (default: settings).")) -> None:
-        """Print the topics slidr expects, with partitions and purpose."""
+        """Print the topics slidr expects (data topics, then the worker's own), with partitions and purpose."""
         from slidr.topics import topic_specs
+        from stream.app import internal_topics
 
-        for t in topic_specs(get_settings(), prefix):
+        s = get_settings()
+        if prefix:
+            s = s.model_copy(update={"topic_prefix": prefix})
+        for t in topic_specs(s) + internal_topics(s):
             typer.echo(f"{t.name:40s} {t.partitions:3d}  {t.purpose}")
 
     @app.command()
@@ -64,7 +75,9 @@ def register(app: typer.Typer) -> None:
         work: str = typer.Option(".slidr/demo", help="Folder for the data, model, report and logs."),
         scenario: str = typer.Option("default", help="Simulator scenario (name or JSON file)."),
         seed: int = typer.Option(7, help="Simulator seed."),
-        hours: float = typer.Option(1.0, help="Hours of (the end of) the simulated traffic to stream."),
+        hours: float = typer.Option(1.0, help="Hours at the end of the simulated traffic to stream and score."),
+        warmup_hours: float = typer.Option(3.0, help="Hours streamed before them to fill the worker's counters."),
+        rate: float = typer.Option(500.0, help="Clicks/s to produce at (0: as fast as possible)."),
         fpr_budget: float = typer.Option(None, help="Overall FPR budget for calibration (default: config)."),
         keep_topics: bool = typer.Option(False, help="Keep this run's topics afterwards."),
     ) -> None:
@@ -73,5 +86,5 @@ def register(app: typer.Typer) -> None:
 
         from slidr.demo import run_demo
 
-        run_demo(Path(work), scenario=scenario, seed=seed, hours=hours, fpr_budget=fpr_budget,
-                 keep_topics=keep_topics)
+        run_demo(Path(work), scenario=scenario, seed=seed, hours=hours, warmup_hours=warmup_hours,
+                 rate=rate or None, fpr_budget=fpr_budget, keep_topics=keep_topics)
