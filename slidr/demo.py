@@ -37,21 +37,26 @@ def _done(t0: float, what: str = "") -> None:
     print(f"   done in {time.perf_counter() - t0:.1f} s {what}", flush=True)
 
 
-def window_dataset(src: Path, out: Path, hours: float) -> dict[str, Any]:
-    """Write the last ``hours`` of dataset ``src`` (clicks, their purchases, all profiles) to ``out``."""
+def window_dataset(src: Path, out: Path, hours: float, warmup_hours: float) -> dict[str, Any]:
+    """Split the end of dataset ``src`` into ``out/warmup`` (``warmup_hours`` of history that only fills the
+    worker's counters) and ``out/live`` (the last ``hours``, which is scored and summarised)."""
     from models.data.dataset import load_dataset, write_dataset
 
     ds = load_dataset(src)
     end = max(c.ts for c in ds.clicks) + 1
-    start = end - int(hours * 3_600_000)
-    clicks = [c for c in ds.clicks if c.ts >= start]
-    ids = {c.click_id for c in clicks}
-    purchases = [p for p in ds.purchases if p.click_id in ids]
-    truth = {k: v for k, v in ds.truth.items() if k in ids} if ds.truth else None
-    truth_rows = [{"click_id": k, "is_bot": b, "archetype": a} for k, (b, a) in truth.items()] if truth else None
-    write_dataset(out, clicks, purchases, list(ds.customers.values()), ds.ip_ranges, truth_rows,
-                  {**ds.meta, "window": {"start_ms": start, "end_ms": end, "hours": hours}})
-    return {"clicks": len(clicks), "purchases": len(purchases), "start_ms": start, "end_ms": end}
+    live_start = end - int(hours * 3_600_000)
+    warm_start = live_start - int(warmup_hours * 3_600_000)
+    info: dict[str, Any] = {"end_ms": end, "live_start_ms": live_start, "warmup_start_ms": warm_start}
+    for name, lo, hi in (("warmup", warm_start, live_start), ("live", live_start, end)):
+        clicks = [c for c in ds.clicks if lo <= c.ts < hi]
+        ids = {c.click_id for c in clicks}
+        purchases = [p for p in ds.purchases if p.click_id in ids]
+        truth = [{"click_id": k, "is_bot": b, "archetype": a} for k, (b, a) in ds.truth.items() if k in ids] \
+            if ds.truth else None
+        write_dataset(out / name, clicks, purchases, list(ds.customers.values()), ds.ip_ranges, truth,
+                      {**ds.meta, "window": {"start_ms": lo, "end_ms": hi}})
+        info[name] = len(clicks)
+    return info
 
 
 async def collect(s: Settings, n_clicks: int, timeout_s: float, alive: Any = lambda: True
@@ -89,18 +94,16 @@ async def collect(s: Settings, n_clicks: int, timeout_s: float, alive: Any = lam
     return decisions, lat
 
 
-def summarize(window: Path, decisions: dict[str, Any], latency_ms: dict[str, int], coverage_k: int,
-              since_ms: int = 0) -> dict[str, Any]:
-    """Per-slice IVR / FPR / coverage of the streamed decisions on clicks at or after ``since_ms`` (the
-    warm-up before it only fills the worker's counters), truth metrics, latency percentiles."""
+def summarize(live: Path, decisions: dict[str, Any], latency_ms: dict[str, int], coverage_k: int
+              ) -> dict[str, Any]:
+    """Per-slice IVR / FPR / robotic coverage of the streamed decisions on the live clicks, truth metrics
+    (simulated data), click-to-decision latency percentiles."""
     from models.data.dataset import load_dataset
     from models.metrics import heavy_mask, rates
 
-    ds = load_dataset(window)
-    heavy_all = heavy_mask(*_user_codes_ts(ds.clicks), coverage_k)
-    keep = np.array([c.ts >= since_ms for c in ds.clicks])
-    clicks = [c for c, k in zip(ds.clicks, keep, strict=True) if k]
-    heavy = heavy_all[keep]
+    ds = load_dataset(live)
+    clicks = ds.clicks
+    heavy = heavy_mask(*_user_codes_ts(clicks), coverage_k)
     ids = [c.click_id for c in clicks]
     decided = np.array([i in decisions for i in ids])
     flag = np.array([i in decisions and not decisions[i].valid for i in ids])
@@ -118,7 +121,7 @@ def summarize(window: Path, decisions: dict[str, Any], latency_ms: dict[str, int
         for sl in out["slices"]:
             m = slices == sl
             out["slices"][sl]["true_bot_recall"] = float((flag & bot & m).sum() / max(1, (bot & m).sum()))
-    lat = np.array(list(latency_ms.values()), dtype=np.float64)
+    lat = np.array([latency_ms[i] for i in ids if i in latency_ms], dtype=np.float64)
     if lat.size:
         out["latency_ms"] = {p: float(np.percentile(lat, q)) for p, q in
                              (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))}
@@ -134,7 +137,7 @@ def print_summary(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    tab = Table(title=f"decisions on the last hour(s) streamed: {r['decided']} of {r['clicks']} clicks decided")
+    tab = Table(title=f"live traffic: {r['decided']} of {r['clicks']} clicks decided")
     for col in ("slice", "clicks", "IVR", "FPR", "coverage", "true bot recall"):
         tab.add_column(col, justify="right")
 
@@ -178,7 +181,7 @@ def train_and_calibrate(data: Path, model: Path, report: Path, fpr_budget: float
             "report": str(rep)}
 
 
-def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: float = 1.0, warmup_hours: float = 3.0,
+def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: float = 1.0, warmup_hours: float = 24.0,
              rate: float | None = 500.0, fpr_budget: float | None = None, keep_topics: bool = False,
              timeout_s: float = 600.0) -> dict[str, Any]:
     from models.data.simulate import simulate_to
@@ -212,10 +215,10 @@ def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: flo
     n_keys = cache.load(s, cache.profiles_from_dir(work / "data"))
     _done(t0, f"(ACTIVE={version}, {n_keys} profile keys)")
 
-    t0 = _step(f"5/6 start a worker; stream the last {warmup_hours + hours:g} h of traffic through Kafka at "
-               f"{f'{rate:g} clicks/s' if rate else 'full speed'} (the first {warmup_hours:g} h warm up counters)")
+    t0 = _step(f"5/6 start a worker; stream {warmup_hours:g} h of history at full speed (fills the counters), "
+               f"then the last {hours:g} h at {f'{rate:g} clicks/s' if rate else 'full speed'}")
     services.create_topics(s)
-    win = window_dataset(work / "data", work / "stream", warmup_hours + hours)
+    win = window_dataset(work / "data", work / "stream", hours, warmup_hours)
     env = {**os.environ, "SLIDR_TOPIC_PREFIX": prefix, "SLIDR_WORKER_ID": s.worker_id,
            "SLIDR_REDIS_KEY_PREFIX": prefix, "SLIDR_REGISTRY_PATH": str(s.registry_path),
            "SLIDR_HOME": str(s.home), "SLIDR_WORKER_WEB_PORT": "0"}
@@ -226,11 +229,17 @@ def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: flo
     try:
         from models.data.produce import produce
 
-        pr = asyncio.run(produce(work / "stream", prefix=prefix, settings=s, restart=True, progress=True,
-                                 rate=rate))
-        print(f"   produced {pr.clicks} clicks + {pr.purchases} purchases in {pr.seconds:.1f} s "
-              f"({pr.clicks_per_s:,.0f} clicks/s)")
-        decisions, lat = asyncio.run(collect(s, win["clicks"], timeout_s, lambda: worker.poll() is None))
+        def alive() -> bool:
+            return worker.poll() is None
+
+        for name, r in (("warmup", None), ("live", rate)):
+            t1 = time.perf_counter()
+            pr = asyncio.run(produce(work / "stream" / name, prefix=prefix, settings=s, restart=True,
+                                     progress=True, rate=r))
+            decisions, lat = asyncio.run(collect(s, win["warmup"] + win["live"] if name == "live"
+                                                 else win["warmup"], timeout_s, alive))
+            print(f"   {name}: produced {pr.clicks} clicks + {pr.purchases} purchases at {pr.clicks_per_s:,.0f}/s;"
+                  f" all decided after {time.perf_counter() - t1:.1f} s")
     finally:
         worker.send_signal(signal.SIGTERM)
         try:
@@ -243,8 +252,7 @@ def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: flo
     t0 = _step("6/6 what billing sees")
     from models.config import TrainConfig
 
-    summary = summarize(work / "stream", decisions, lat, TrainConfig().coverage_k,
-                        since_ms=win["end_ms"] - int(hours * 3_600_000))
+    summary = summarize(work / "stream" / "live", decisions, lat, TrainConfig().coverage_k)
     print_summary(summary)
     summary["report"] = res.get("report")
     summary["model_version"] = version

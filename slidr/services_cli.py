@@ -76,7 +76,7 @@ def register(app: typer.Typer) -> None:
         scenario: str = typer.Option("default", help="Simulator scenario (name or JSON file)."),
         seed: int = typer.Option(7, help="Simulator seed."),
         hours: float = typer.Option(1.0, help="Hours at the end of the simulated traffic to stream and score."),
-        warmup_hours: float = typer.Option(3.0, help="Hours streamed before them to fill the worker's counters."),
+        warmup_hours: float = typer.Option(24.0, help="Hours streamed before them to fill the worker's counters."),
         rate: float = typer.Option(500.0, help="Clicks/s to produce at (0: as fast as possible)."),
         fpr_budget: float = typer.Option(None, help="Overall FPR budget for calibration (default: config)."),
         keep_topics: bool = typer.Option(False, help="Keep this run's topics afterwards."),

@@ -20,6 +20,10 @@ import pytest
 from slidr.settings import Settings
 from slidr.topics import Topics
 
+# ../shared beside the checkout (CI clones the repo with shared/ beside it)
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TALKINGDATA_CSV = SHARED / "data" / "talkingdata" / "clicks_sample.csv"
+
 
 def _answering(s: Settings) -> bool:
     from slidr import services

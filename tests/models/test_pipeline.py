@@ -18,9 +18,10 @@ from models.config import TrainConfig
 from models.labels import TEST, VAL
 from models.metrics import ivr_at_fpr, rates, row_thresholds
 from models.pipeline import load_training_data
+from tests.conftest import TALKINGDATA_CSV
 
 pytestmark = pytest.mark.train
-TALKINGDATA = Path("/work/shared/data/talkingdata/clicks_sample.csv")
+TALKINGDATA = TALKINGDATA_CSV
 # small and fast: the small scenario has ~85 purchasing clicks in validation, so a 1% budget is < 1 purchase
 CFG = TrainConfig(epochs=12, hidden=(32, 16), progress=False, fpr_budget=0.05, min_slice_purchases=10)
 
@@ -113,7 +114,6 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
     assert "## Baselines" in text and "(curves.png)" in text and (tmp_path / "rep" / "curves.png").stat().st_size
 
 
-@pytest.mark.skipif(not TALKINGDATA.exists(), reason="TalkingData sample not present")
 def test_talkingdata_trains_calibrates_reports(tmp_path: Path) -> None:
     from models.data.talkingdata import import_talkingdata
     from models.pipeline import build_model

@@ -10,14 +10,13 @@ import pytest
 from models.data.dataset import load_dataset
 from models.data.talkingdata import convert_rows, import_talkingdata, platform_of
 from schemas.events import decode_click, decode_purchase
+from tests.conftest import TALKINGDATA_CSV
 
-SAMPLE = Path(__file__).resolve().parents[3].parent / "shared/data/talkingdata/clicks_sample.csv"
+SAMPLE = TALKINGDATA_CSV
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not SAMPLE.exists():
-        pytest.skip(f"{SAMPLE} not present")
     out = tmp_path_factory.mktemp("td")
     import_talkingdata(SAMPLE, out)
     return out
