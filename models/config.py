@@ -14,6 +14,7 @@ from typing import Any
 class TrainConfig:
     # --- weak labels -------------------------------------------------------------------------
     rfm_threshold: float = 0.7  # customer rfm_score >= this -> human (label 0) even without a purchase
+    robotic_overrides_rfm: bool = True  # ... unless the click is in the "surely robotic" set (> coverage_k/h)
     # --- time split: the last `test_days` days are the test set, the `val_days` before them validation
     test_days: int = 1
     val_days: int = 1

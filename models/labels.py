@@ -15,9 +15,17 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 def weak_labels(purchased: npt.NDArray[np.bool_], rfm: npt.NDArray[np.float64],
-                rfm_threshold: float) -> npt.NDArray[np.int8]:
-    """1 = non-human, 0 = human (purchase, or RFM score >= threshold). ``rfm`` is NaN when logged out."""
+                rfm_threshold: float, robotic: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.int8]:
+    """1 = non-human, 0 = human (purchase, or RFM score >= threshold). ``rfm`` is NaN when logged out.
+
+    ``robotic`` (optional): clicks of the "surely robotic" heuristic set (more than k clicks in an hour). A
+    high RFM score does not make those human: a good customer's account clicking like a machine is a taken-over
+    account, and labelling it human would teach the model that bursts on logged-in accounts are human. Only a
+    purchase still does.
+    """
     high_rfm = np.nan_to_num(rfm, nan=-1.0) >= rfm_threshold
+    if robotic is not None:
+        high_rfm &= ~robotic
     return np.where(purchased | high_rfm, 0, 1).astype(np.int8)
 
 

@@ -108,9 +108,9 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
     rfm = np.fromiter(
         (float(cust[c.customer_id]["rfm_score"]) if c.customer_id in cust else np.nan for c in clicks),
         dtype=np.float64, count=n)
-    label = weak_labels(purchased, rfm, cfg.rfm_threshold)
     _, user_codes = np.unique(np.array([c.user_key for c in clicks]), return_inverse=True)
     heavy = heavy_mask(user_codes.reshape(-1).astype(np.int64), ts, cfg.coverage_k)
+    label = weak_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None)
     tz = np.fromiter((c.tz_offset_min or 0 for c in clicks), dtype=np.int64, count=n)
     hour, dow = local_hour_dow(ts, tz)
     usable = ~ds.in_label_outage(ts)

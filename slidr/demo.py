@@ -75,7 +75,7 @@ async def collect(s: Settings, n_clicks: int, timeout_s: float, alive: Any = lam
     decided_ts: dict[str, int] = {}
     deadline = time.monotonic() + timeout_s
     try:
-        while len(decisions) < n_clicks and time.monotonic() < deadline:
+        while (len(decisions) < n_clicks or len(sent_at) < n_clicks) and time.monotonic() < deadline:
             if not alive():
                 raise RuntimeError("the worker exited before deciding every click: see its log")
             batch = await cons.getmany(timeout_ms=500, max_records=20_000)

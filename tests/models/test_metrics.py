@@ -71,6 +71,9 @@ def test_weak_labels() -> None:
     purchased = np.array([True, False, False, False])
     rfm = np.array([0.1, 0.9, 0.2, np.nan])
     assert weak_labels(purchased, rfm, 0.7).tolist() == [0, 0, 1, 1]
+    robotic = np.array([True, True, True, False])
+    # a purchase stays human inside the robotic set; a high RFM score no longer does
+    assert weak_labels(purchased, rfm, 0.7, robotic).tolist() == [0, 1, 1, 1]
 
 
 def test_time_split_by_days_and_by_fraction() -> None:
