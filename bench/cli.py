@@ -8,29 +8,16 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from typing import Any
 
 import orjson
 import typer
 
 import bench
+from slidr.cliutil import parse_sets
 
 
 def _available() -> list[str]:
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if m.name not in ("cli", "common"))
-
-
-def _parse(sets: list[str]) -> dict[str, Any]:
-    opts: dict[str, Any] = {}
-    for item in sets:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        try:
-            opts[key.replace("-", "_")] = orjson.loads(val)
-        except orjson.JSONDecodeError:
-            opts[key.replace("-", "_")] = val
-    return opts
 
 
 def register(app: typer.Typer) -> None:
@@ -44,7 +31,7 @@ def register(app: typer.Typer) -> None:
         if name not in _available():
             raise typer.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(_available())}")
         mod = importlib.import_module(f"bench.{name}")
-        figures = mod.run(**_parse(sets))
+        figures = mod.run(**parse_sets(sets))
         if as_json:
             typer.echo(orjson.dumps(figures, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
         else:

@@ -9,19 +9,10 @@ import typer
 
 
 def _config(sets: list[str]) -> Any:
-    import orjson
-
     from models.config import TrainConfig
+    from slidr.cliutil import parse_sets
 
-    kw: dict[str, Any] = {}
-    for item in sets:
-        key, sep, val = item.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--set expects key=value, got {item!r}")
-        try:
-            kw[key.replace("-", "_")] = orjson.loads(val)
-        except orjson.JSONDecodeError:
-            kw[key.replace("-", "_")] = val
+    kw = parse_sets(sets)
     try:
         return TrainConfig.from_dict(kw)
     except (ValueError, TypeError) as e:
