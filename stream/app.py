@@ -38,10 +38,12 @@ import orjson
 from schemas.events import Click, DeadLetter, SchemaError, decode_click
 from slidr.settings import Settings
 from slidr.topics import Topics, TopicSpec, topic_specs
+from stream import faust_fixes
 from stream import features as F
 from stream.scoring import Model, active_model_dir, decide, load_model, score_batch
 
 log = logging.getLogger(__name__)
+faust_fixes.install()  # never commit past an unacked offset (faust-streaming 0.15.3 can): see the module
 USERS_TABLE = "users"
 IPS_TABLE = "ips"
 FORWARDED = 1 << 16  # by-ip "p" tag of a click that came through by-user: FORWARDED + its by-user partition
