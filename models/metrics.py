@@ -33,6 +33,12 @@ def heavy_mask(user_codes: npt.NDArray[np.int64], ts_ms: npt.NDArray[np.int64], 
     return np.asarray(counts[inv.reshape(-1)] > k)
 
 
+def robotic_mask(user_keys: npt.ArrayLike, ts_ms: npt.ArrayLike, k: int) -> B:
+    """``heavy_mask`` from the clicks' user keys (any hashable labels) rather than integer codes."""
+    _, codes = np.unique(np.asarray(user_keys), return_inverse=True)
+    return heavy_mask(codes.reshape(-1).astype(np.int64), np.asarray(ts_ms, dtype=np.int64), k)
+
+
 def _rate(num: float, den: float) -> float:
     return float(num / den) if den > 0 else float("nan")
 

@@ -19,7 +19,7 @@ import numpy.typing as npt
 from models import guardrails
 from models.config import TrainConfig
 from models.labels import TEST, TRAIN, VAL, time_split, weak_labels
-from models.metrics import heavy_mask
+from models.metrics import robotic_mask
 from models.weights import cell_weights, local_hour_dow
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
     rfm = np.fromiter(
         (float(cust[c.customer_id]["rfm_score"]) if c.customer_id in cust else np.nan for c in clicks),
         dtype=np.float64, count=n)
-    _, user_codes = np.unique(np.array([c.user_key for c in clicks]), return_inverse=True)
-    heavy = heavy_mask(user_codes.reshape(-1).astype(np.int64), ts, cfg.coverage_k)
+    heavy = robotic_mask([c.user_key for c in clicks], ts, cfg.coverage_k)
     label = weak_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None)
     tz = np.fromiter((c.tz_offset_min or 0 for c in clicks), dtype=np.int64, count=n)
     hour, dow = local_hour_dow(ts, tz)

@@ -99,11 +99,11 @@ def summarize(live: Path, decisions: dict[str, Any], latency_ms: dict[str, int],
     """Per-slice IVR / FPR / robotic coverage of the streamed decisions on the live clicks, truth metrics
     (simulated data), click-to-decision latency percentiles."""
     from models.data.dataset import load_dataset
-    from models.metrics import heavy_mask, rates
+    from models.metrics import rates, robotic_mask, truth_metrics
 
     ds = load_dataset(live)
     clicks = ds.clicks
-    heavy = heavy_mask(*_user_codes_ts(clicks), coverage_k)
+    heavy = robotic_mask([c.user_key for c in clicks], [c.ts for c in clicks], coverage_k)
     ids = [c.click_id for c in clicks]
     decided = np.array([i in decisions for i in ids])
     flag = np.array([i in decisions and not decisions[i].valid for i in ids])
@@ -116,21 +116,18 @@ def summarize(live: Path, decisions: dict[str, Any], latency_ms: dict[str, int],
         out["slices"][str(sl)] = rates(flag[m], purchased[m], heavy[m])
     if ds.truth:
         bot = np.array([ds.truth[i][0] for i in ids])
-        out["true_bot_recall"] = float((flag & bot).sum() / max(1, bot.sum()))
-        out["true_human_false_invalidation"] = float((flag & ~bot).sum() / max(1, (~bot).sum()))
+        arch = np.array([ds.truth[i][1] for i in ids])
+        tm = truth_metrics(flag, bot, arch)
+        out["true_bot_recall"] = tm["bot_recall"]
+        out["true_human_false_invalidation"] = tm["human_false_invalidation"]
         for sl in out["slices"]:
             m = slices == sl
-            out["slices"][sl]["true_bot_recall"] = float((flag & bot & m).sum() / max(1, (bot & m).sum()))
+            out["slices"][sl]["true_bot_recall"] = truth_metrics(flag[m], bot[m], arch[m])["bot_recall"]
     lat = np.array([latency_ms[i] for i in ids if i in latency_ms], dtype=np.float64)
     if lat.size:
         out["latency_ms"] = {p: float(np.percentile(lat, q)) for p, q in
                              (("p50", 50), ("p99", 99), ("p99.9", 99.9), ("max", 100))}
     return out
-
-
-def _user_codes_ts(clicks: list[Any]) -> tuple[Any, Any]:
-    users = {u: j for j, u in enumerate(sorted({c.user_key for c in clicks}))}
-    return np.array([users[c.user_key] for c in clicks], dtype=np.int64), np.array([c.ts for c in clicks])
 
 
 def print_summary(r: dict[str, Any]) -> None:

@@ -13,8 +13,8 @@ it directly (no ingest hop); only the IP repartition remains (a key has one owne
 stage: it handles events one at a time (a table write inside ``take()`` would land in the wrong changelog
 partition) over a ``noack()`` stream, buffers the assembled clicks and scores the buffer when it holds
 ``score_batch_size`` clicks or every ``score_batch_within_s`` seconds (a timer). A buffered event is acked only
-after its decision was handed to the producer, strictly in offset order (Faust's commit can skip an unacked
-offset when a later one was acked first), and Faust flushes the producer before it commits acked offsets, so
+after its decision was handed to the producer, strictly in offset order, and Faust flushes the producer before
+it commits acked offsets (with ``stream/faust_fixes.py`` correcting which acked offsets it may commit), so
 no offset is committed before its click's decision is sent (at-least-once). Records go straight to
 ``app.producer`` (no per-record FutureMessage), the event loop is uvloop when installed, and the worker turns
 off Faust's terminal spinner, which set the root logger to DEBUG (a log record built per record sent).
@@ -26,6 +26,7 @@ position (see ``_stage``), so a crash never double counts.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from pathlib import Path
@@ -74,7 +75,7 @@ def _view(d: dict[str, Any]) -> Click:
     return Click.model_construct(**d)
 
 
-def _src(event: Any, _: int) -> tuple[int, int]:
+def _src(event: Any) -> tuple[int, int]:
     """Position of a click read from the clicks topic: the user stage's dedupe key (via the message header)."""
     h = dict(event.headers or {}).get("src")
     if h is None:
@@ -190,7 +191,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
             raw: bytes = event.value
             if msg.topic == by_user_name:  # forwarded below: validated already, src in its header
                 c = _view(orjson.loads(raw))
-                sp, so = _src(event, 0)  # its clicks position, tagged apart from the direct clicks'
+                sp, so = _src(event)  # its clicks position, tagged apart from the direct clicks'
                 out = await _stage(users, event.key, c, msg.offset, (FORWARDED + sp, so), F.update_user,
                                    F.user_features)
                 tag = FORWARDED + msg.partition
@@ -211,8 +212,8 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                            + b',"p":[' + str(tag).encode() + b"," + str(msg.offset).encode() + b"]}")
 
     # The IP stage's scoring buffer: (event, click, record, IP features), click None for a copy with nothing to
-    # decide. Events are acked strictly in offset order, after their decisions went to the producer: Faust's
-    # commit (Consumer._new_offset) can skip an unacked offset when a later one is acked first.
+    # decide. Events are acked strictly in offset order, after their decisions went to the producer (Faust itself
+    # may still ack skipped events out of order around a rebalance: stream/faust_fixes.py keeps commits safe).
     pending: list[tuple[Any, Click | None, Any, list[float]]] = []
     scoring = asyncio.Lock()  # one batch at a time, in arrival order (asyncio locks are FIFO)
 
@@ -274,8 +275,6 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
 
 
 def _b64(raw: bytes) -> str:
-    import base64
-
     return base64.b64encode(raw).decode()
 
 

@@ -17,8 +17,8 @@ order, so a state remembers the highest offset applied per upstream partition (a
 partition) and ``is_duplicate`` recognises a redelivered copy exactly; ``user_features`` / ``ip_features``
 read a key's features without changing it.
 Expiry: a state whose newest event is more than ``TTL_MS`` older than the click is dropped (a fresh one
-starts); the stream deletes keys idle for longer than ``TTL_MS + EXPIRY_GRACE_MS`` of event time
-(see ``is_expired``).
+starts). ``is_expired`` (idle for longer than ``TTL_MS + EXPIRY_GRACE_MS`` of event time) is the rule for
+deleting idle keys; the stream does not sweep its tables with it yet, so an idle key lingers until its next click.
 """
 
 from __future__ import annotations
