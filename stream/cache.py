@@ -12,18 +12,14 @@ from slidr.settings import Settings
 from stream.features import build_profiles
 
 
-def _jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    if not path.exists():
-        return
-    with path.open("rb") as f:
-        for line in f:
-            if line.strip():
-                yield orjson.loads(line)
-
-
 def profiles_from_dir(folder: Path) -> dict[str, bytes]:
     """Cache content of a dataset folder (customers.jsonl, ip_ranges.jsonl), as ``build_profiles`` makes it."""
-    return build_profiles(_jsonl(folder / "customers.jsonl"), _jsonl(folder / "ip_ranges.jsonl"))
+    from models.data.dataset import iter_lines  # the dataset folder's own reader
+
+    def objects(name: str) -> Iterator[dict[str, Any]]:
+        return (orjson.loads(line) for line in iter_lines(folder / name))
+
+    return build_profiles(objects("customers.jsonl"), objects("ip_ranges.jsonl"))
 
 
 def load(s: Settings, profiles: dict[str, bytes], *, chunk: int = 10_000) -> int:
