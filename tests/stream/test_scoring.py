@@ -68,3 +68,6 @@ def test_decide_thresholds_per_slice(model_dir: Path) -> None:
         assert d.valid == (not (s >= thr)) if s == s else not d.valid
         assert d.revision == 2 and d.event_ts == c.ts and d.advertiser_id == c.advertiser_id
         assert decode_decision(d.to_json()) == d  # what goes on the wire passes the strict schema
+    # the worker's hot path writes the dicts straight to the wire: the very bytes of the models
+    dicts = scoring.decision_dicts(m, cs, scores, decided_at=cs[0].ts + 5, revision=2)
+    assert [orjson.dumps(x) for x in dicts] == [d.to_json() for d in ds]
