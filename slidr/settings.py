@@ -54,8 +54,11 @@ class Settings(BaseSettings):
     registry_path: Path = Field(Path(".slidr/registry"), description="Model registry folder.")
     worker_id: str = Field("slidr-detector", description="Faust app id = the detector's consumer group.")
     worker_web_port: int = Field(6066, description="Faust web port of the first worker (0 disables it).")
-    score_batch_size: int = Field(256, ge=1, description="Clicks scored per ONNX call at most.")
-    score_batch_within_s: float = Field(0.02, gt=0, description="Longest wait to fill a scoring batch.")
+    score_batch_size: int = Field(256, ge=1, le=1024, description=(
+        "Clicks the user stage buffers before it forwards them (one by-ip record per partition; each record is "
+        "scored in one ONNX call). At most 1024, which keeps a record well under Kafka's 1 MB message limit."))
+    score_batch_within_s: float = Field(0.01, gt=0, description=(
+        "Longest a click waits in the user stage's buffer before it is forwarded to scoring."))
     onnx_providers: str = Field(
         "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
         description="onnxruntime execution providers in order of preference (the available ones are used).",

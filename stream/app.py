@@ -1,26 +1,36 @@
-"""The Faust app: a per-user stage and a per-IP stage that also scores, in batches.
+"""The Faust app: a per-user stage that forwards batches, and a per-IP stage that scores them.
 
-    <prefix>.clicks (key: user key) --user stage: validate, users table--> <prefix>.by-ip (key: IP)
-        --IP stage: ips table, buffer; every N clicks / T s: Redis MGET, one ONNX call-->
-        <prefix>.decisions + <prefix>.feature-log;  malformed clicks -> <prefix>.dead-letters
+    <prefix>.clicks (key: user key) --user stage: validate, users table, buffer--> every N clicks / T s:
+        one record per by-ip partition --> <prefix>.by-ip --IP stage, per record: ips table, one Redis MGET,
+        one ONNX call--> <prefix>.decisions (a record per click) + <prefix>.feature-log (a record per batch);
+        malformed clicks -> <prefix>.dead-letters
     a click whose message key is not its user key (a foreign producer) -> <prefix>.by-user (key: user key),
         which the user stage also consumes (it writes the users table only for keys its partition owns)
 
-Why this shape (issue 4: throughput): every internal Kafka hop costs a produce, a consume and a pass through
-Faust's stream machinery per click, which dominated the profile. Producers key clicks by user key
-(``Click.user_key``), so the clicks topic is already partitioned like the users table and the user stage reads
-it directly (no ingest hop); only the IP repartition remains (a key has one owner). Scoring runs inside the IP
-stage: it handles events one at a time (a table write inside ``take()`` would land in the wrong changelog
-partition) over a ``noack()`` stream, buffers the assembled clicks and scores the buffer when it holds
-``score_batch_size`` clicks or every ``score_batch_within_s`` seconds (a timer). A buffered event is acked only
-after its decision was handed to the producer, strictly in offset order, and Faust flushes the producer before
-it commits acked offsets (with ``stream/faust_fixes.py`` correcting which acked offsets it may commit), so
-no offset is committed before its click's decision is sent (at-least-once). Records go straight to
-``app.producer`` (no per-record FutureMessage), the event loop is uvloop when installed, and the worker turns
-off Faust's terminal spinner, which set the root logger to DEBUG (a log record built per record sent).
+Why this shape (issue 4: throughput). The worker's cost is per Kafka record far more than per byte, so the hot
+path moves as few records through Faust as it can:
+- Producers key clicks by user key (``Click.user_key``), so the clicks topic is already partitioned like the
+  users table and the user stage reads it directly (no ingest hop).
+- The user stage handles clicks one event at a time (table state lives in the event's partition) over a
+  ``noack()`` stream and buffers them per by-ip partition; every ``score_batch_size`` clicks or
+  ``score_batch_within_s`` seconds it sends one by-ip record per partition, so the IP repartition (a key has one
+  owner) costs one Faust event per batch, not per click. Every click in a by-ip record hashes to the record's
+  partition, so the IP stage's table writes for the whole record belong to that partition, as they would one
+  click at a time (the hazard with table writes inside ``take()`` is writes landing in another key's
+  partition; here there is none).
+- Table writes go through ``TableWriter``: kept in memory until the stage's flush, then one RocksDB write batch
+  per partition and one changelog record per key written (the latest value), sent with the other records.
+- Records go into aiokafka batches (``stream/publish.py``): no per-record future.
+- ``stream/faust_fixes.py`` also skips Faust's four-task hand-off per fetched message when it cannot matter.
 
-Every stage has concurrency 1 (faust-streaming issue 606). Redelivered clicks are recognised by their upstream
-position (see ``_stage``), so a crash never double counts.
+At-least-once: a user-stage event is acked only after its by-ip record and table changes were handed to the
+producer, strictly in offset order; an IP-stage event is acked (by Faust, when the next is taken) after its
+decisions, feature log and table changes were; Faust flushes the producer before it commits acked offsets
+(``stream/faust_fixes.py`` corrects which acked offsets it may commit), so no offset is committed before
+everything it caused is in Kafka. Redelivered clicks are recognised by their upstream position (see
+``_stage``), so a crash never double counts. Every stage has concurrency 1 (faust-streaming issue 606). The
+event loop is uvloop when installed, and the worker turns off Faust's terminal spinner, which set the root logger
+to DEBUG (a log record built per record sent).
 """
 
 from __future__ import annotations
@@ -29,25 +39,32 @@ import asyncio
 import base64
 import logging
 import time
+import zlib
+from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import faust
 import numpy as np
 import orjson
+import rocksdict
+from faust.types import TP
 
-from schemas.events import Click, DeadLetter, SchemaError, decode_click
+from schemas.events import Click, DeadLetter, SchemaError, decode_click, slice_of
 from slidr.settings import Settings
 from slidr.topics import Topics, TopicSpec, topic_specs
 from stream import faust_fixes
 from stream import features as F
-from stream.scoring import Model, active_model_dir, decide, load_model, score_batch
+from stream.publish import Publisher
+from stream.scoring import Model, active_model_dir, decision_dicts, load_model, score_batch
 
 log = logging.getLogger(__name__)
 faust_fixes.install()  # never commit past an unacked offset (faust-streaming 0.15.3 can): see the module
 USERS_TABLE = "users"
 IPS_TABLE = "ips"
 FORWARDED = 1 << 16  # by-ip "p" tag of a click that came through by-user: FORWARDED + its by-user partition
+BATCH_MAX = 1 << 16  # most clicks in one by-ip record (settings cap score_batch_size below it)
 
 
 def internal_topics(s: Settings) -> list[TopicSpec]:
@@ -70,9 +87,28 @@ async def ensure_topics(s: Settings) -> list[str]:
     return await create_topics_async(s, topic_specs(s) + internal_topics(s))
 
 
-def _view(d: dict[str, Any]) -> Click:
-    """A Click from an already validated dict, without validating it again (hot path)."""
-    return Click.model_construct(**d)
+class ClickView(SimpleNamespace):
+    """An already validated click (a forwarded dict) with Click's attributes, without building a model again
+    (``Click.model_construct`` was 5 us a click on the hot path). Fields a producer left out get their
+    defaults, as a Click would."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        super().__init__(**{**_CLICK_DEFAULTS, **d})
+
+    @property
+    def user_key(self) -> str:
+        return f"c:{self.customer_id}" if self.customer_id is not None else f"s:{self.session_id}"
+
+    @property
+    def slice(self) -> str:
+        return slice_of(self.platform, self.logged_in)
+
+
+_CLICK_DEFAULTS = {k: f.default for k, f in Click.model_fields.items() if not f.is_required()}
+
+
+def _view(d: dict[str, Any]) -> Any:
+    return ClickView(d)
 
 
 def _src(event: Any) -> tuple[int, int]:
@@ -84,33 +120,78 @@ def _src(event: Any) -> tuple[int, int]:
     return int(p), int(o)
 
 
-async def _stage(table: Any, key: bytes, c: Click, own: int, src: tuple[int, int],
-                 update: Any, read: Any) -> list[float] | None:
+class TableWriter:
+    """A Faust table's writes, kept in memory until ``write`` puts them in the local store (one RocksDB write
+    batch per partition) and into a Publisher for the changelog. See the module doc.
+
+    ``put(partition, key, value)`` takes the partition of the event being processed, as ``table[key] = value``
+    would; ``get`` sees every put at once. ``write`` adds the latest value of every key put since the last write,
+    one changelog record per key; ``persisted`` records, once the producer acknowledges a changelog batch, the
+    offset up to which the store holds the changelog (as Faust's own ``_on_changelog_sent`` does), so a restart
+    replays only newer changelog records.
+    """
+
+    def __init__(self, table: Any) -> None:
+        self.store = table.data  # faust.stores.rocksdb.Store
+        self.topic: str = table.changelog_topic.get_topic_name()
+        self.pending: dict[tuple[int, bytes], bytes] = {}
+
+    def get(self, partition: int, key: bytes) -> bytes | None:
+        v = self.pending.get((partition, key))
+        return v if v is not None else self.store._db_for_partition(partition).get(key)
+
+    def put(self, partition: int, key: bytes, value: bytes) -> None:
+        self.pending[(partition, key)] = value
+
+    def write(self, pub: Publisher) -> None:
+        pending, self.pending = self.pending, {}
+        batches: dict[int, Any] = {}
+        for (p, k), v in pending.items():
+            wb = batches.get(p)
+            if wb is None:
+                wb = batches[p] = rocksdict.WriteBatch(raw_mode=True)
+            wb.put(k, v)
+            pub.add(self.topic, k, v, partition=p)
+        for p, wb in batches.items():
+            self.store._db_for_partition(p).write(wb)
+
+    def persisted(self, sent: list[tuple[str, int, int, Any]]) -> None:
+        for topic, p, n, fut in sent:
+            if topic == self.topic:
+                fut.add_done_callback(partial(self._persisted, p, n))
+
+    def _persisted(self, partition: int, n: int, fut: Any) -> None:
+        if not fut.cancelled() and fut.exception() is None and fut.result() is not None:
+            self.store.set_persisted_offset(TP(self.topic, partition), fut.result().offset + n - 1)
+
+
+def _stage(cl: TableWriter, partition: int, key: bytes, c: Click, own: int, src: tuple[int, int],
+           update: Any, read: Any) -> list[float] | None:
     """One per-key table stage with at-least-once redelivery handled exactly.
 
-    ``own``: the message's offset in this stage's input; ``src``: the click's position upstream. Returns the
-    features to forward, or None when the message is a copy of one handled already (nothing to forward).
+    ``own``: the click's position in this stage's input (by-ip offset x BATCH_MAX + index in the record);
+    ``src``: its position upstream. Returns the features, or None for a copy of a click handled already.
     """
-    old = table.get(key)
+    old = cl.get(partition, key)
     st = orjson.loads(old) if old is not None else None
     if st is not None and own <= st.get("q", -1):
-        return read(st, c)  # this very message again (our offset was not committed): forward again, no update
+        return read(st, c)  # this very click again (our offset was not committed): its features again
     if F.is_duplicate(st, src):
-        return None  # a copy from an upstream redelivery: the original message does the forwarding
+        return None  # a copy from an upstream redelivery: the original is decided (or will be) on its own
     st, feats = update(st, c, src)
     st["q"] = own
-    table[key] = orjson.dumps(st)
+    cl.put(partition, key, orjson.dumps(st))
     return feats
 
 
-def _direct(table: Any, key: bytes, c: Click, src: tuple[int, int]) -> list[float]:
+def _direct(cl: TableWriter, partition: int, key: bytes, c: Click, src: tuple[int, int]) -> list[float]:
     """The user stage for a click read from the clicks topic itself (``src``: its position there)."""
-    old = table.get(key)
+    old = cl.get(partition, key)
     st = orjson.loads(old) if old is not None else None
     if st is not None and F.is_duplicate(st, src):
         return F.user_features(st, c)  # this very message again (offset not committed): forward again
     st, feats = F.update_user(st, c, src)
-    table[key] = orjson.dumps(st)
+    cl.put(partition, key, orjson.dumps(st))
     return feats
 
 
@@ -151,6 +232,9 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         producer_linger=0.005,  # seconds: let sends batch up
         producer_max_batch_size=1 << 20,  # bytes per partition batch (Faust's 16 KiB meant many small requests)
         stream_buffer_maxsize=16384,
+        # bytes per partition and fetch: aiokafka sends no fetch to a broker while any of its partitions still
+        # holds fetched records, so a smaller fetch keeps the stream from idling between large ones (bench/)
+        consumer_max_fetch_size=256 * 1024,
         table_standby_replicas=0,
     )
 
@@ -164,18 +248,20 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     by_user, by_ip = topic(by_user_name), topic(by_ip_name)
     topic(t.decisions), topic(t.feature_log)  # declared (partitions checked) like the others
 
-    async def send(name: str, key: bytes, value: bytes) -> None:
-        """Hand one record to the producer (no wait for delivery; Faust flushes it before each commit).
-        Straight to the producer: Faust's Topic.send costs a FutureMessage and callbacks per record."""
-        await app.producer.send(name, key, value, partition=None, timestamp=None, headers=None)
     dead = app.topic(t.dead_letters, key_type=bytes, value_type=bytes, key_serializer="raw",
                      value_serializer="raw", partitions=1)
     # bytes keys and values: raw codec (we store orjson bytes ourselves)
     users = app.Table(USERS_TABLE, default=None, partitions=s.partitions, key_type=bytes, value_type=bytes)
     ips = app.Table(IPS_TABLE, default=None, partitions=s.partitions, key_type=bytes, value_type=bytes)
+    users_cl, ips_cl = TableWriter(users), TableWriter(ips)
     redis_prefix = s.redis_key_prefix + ":"
     state: dict[str, Any] = {"redis": None, "decided": 0, "dead": 0}
     app.slidr_state = state  # type: ignore[attr-defined]  # counters for logs / tests
+
+    def producer() -> Any:
+        """The aiokafka producer under Faust's (records go straight to it: Faust's Topic.send costs a
+        FutureMessage, callbacks and sensors per record). Faust flushes it before every offset commit."""
+        return app.producer._ensure_producer()  # type: ignore[attr-defined]
 
     async def dead_letter(event: Any, raw: bytes, e: SchemaError) -> None:
         msg = event.message
@@ -184,16 +270,40 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         await dead.send(key=None, value=dl.to_json())
         state["dead"] += 1
 
+    # The user stage's forward buffer: by-ip partition -> the clicks bound there (one record per partition and
+    # flush), and the events in arrival order, acked once their records are with the producer.
+    fwd: dict[int, list[bytes]] = {}
+    waiting: list[Any] = []
+    flushing = asyncio.Lock()  # one flush at a time, in arrival order (asyncio locks are FIFO)
+
+    user_out = Publisher(producer, lambda topic: s.partitions)
+
+    async def flush_forward() -> None:
+        """Send the buffered clicks to by-ip (a record per partition) and the users changelog, then ack."""
+        async with flushing:
+            if not waiting:
+                return
+            events = waiting[:]
+            waiting.clear()
+            for p, items in fwd.items():
+                user_out.add(by_ip_name, None, b"[" + b",".join(items) + b"]", partition=p)
+            fwd.clear()
+            users_cl.write(user_out)
+            users_cl.persisted(await user_out.flush())
+            for ev in events:  # everything these events caused is with the producer: their offsets may commit
+                ev.ack()
+
     @app.agent(user_in, concurrency=1)
     async def user_stage(stream: Any) -> None:
-        async for event in stream.events():
+        async for event in stream.noack().events():
             msg = event.message
             raw: bytes = event.value
+            waiting.append(event)
             if msg.topic == by_user_name:  # forwarded below: validated already, src in its header
                 c = _view(orjson.loads(raw))
                 sp, so = _src(event)  # its clicks position, tagged apart from the direct clicks'
-                out = await _stage(users, event.key, c, msg.offset, (FORWARDED + sp, so), F.update_user,
-                                   F.user_features)
+                out = _stage(users_cl, msg.partition, event.key, c, msg.offset, (FORWARDED + sp, so),
+                             F.update_user, F.user_features)
                 tag = FORWARDED + msg.partition
             else:
                 try:
@@ -205,32 +315,23 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                     await by_user.send(key=c.user_key.encode(), value=raw,
                                        headers={"src": f"{msg.partition},{msg.offset}".encode()})
                     continue
-                out = _direct(users, event.key, c, (msg.partition, msg.offset))
+                out = _direct(users_cl, msg.partition, event.key, c, (msg.partition, msg.offset))
                 tag = msg.partition
             if out is not None:  # forward the click with its position here (the next stage's dedupe key)
-                await send(by_ip_name, c.ip.encode(), b'{"c":' + raw + b',"u":' + orjson.dumps(out)
-                           + b',"p":[' + str(tag).encode() + b"," + str(msg.offset).encode() + b"]}")
+                fwd.setdefault(ip_partition(c.ip, s.partitions), []).append(
+                    b'{"c":' + raw + b',"u":' + orjson.dumps(out) + b',"p":[' + str(tag).encode() + b","
+                    + str(msg.offset).encode() + b"]}")
+            if len(waiting) >= s.score_batch_size:
+                await flush_forward()
 
-    # The IP stage's scoring buffer: (event, click, record, IP features), click None for a copy with nothing to
-    # decide. Events are acked strictly in offset order, after their decisions went to the producer (Faust itself
-    # may still ack skipped events out of order around a rebalance: stream/faust_fixes.py keeps commits safe).
-    pending: list[tuple[Any, Click | None, Any, list[float]]] = []
-    scoring = asyncio.Lock()  # one batch at a time, in arrival order (asyncio locks are FIFO)
+    @app.timer(s.score_batch_within_s)
+    async def forward_timer() -> None:
+        await flush_forward()  # a partly filled buffer waits at most score_batch_within_s
 
-    async def score_pending() -> None:
-        """Score and publish the buffered clicks in one batch, then ack their events in order."""
-        async with scoring:
-            if not pending:
-                return
-            batch = pending[:]
-            pending.clear()
-            todo = [(c, rec, ipf) for _, c, rec, ipf in batch if c is not None]
-            if todo:
-                await score_and_send(todo)
-            for ev, _, _, _ in batch:  # decisions are with the producer: these offsets may be committed
-                ev.ack()
+    ip_out = Publisher(producer, lambda topic: s.partitions)
 
-    async def score_and_send(todo: list[tuple[Click, Any, list[float]]]) -> None:
+    async def score_and_send(todo: list[tuple[Click, Any, list[float]]], partition: int) -> None:
+        """Profiles (one Redis MGET), one ONNX call, a decision per click and one feature-log record."""
         if state["redis"] is None:
             import redis.asyncio as aioredis
 
@@ -245,33 +346,57 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         rows = [F.assemble(c, rec["u"], ipf, F.profile_from(vals[2 * j], vals[2 * j + 1]))
                 for j, (c, rec, ipf) in enumerate(todo)]
         scores = score_batch(model, np.asarray(rows, dtype=np.float32))
-        now = int(time.time() * 1000)
-        for c, d, row in zip(cs, decide(model, cs, scores, decided_at=now), rows, strict=True):
-            k = c.click_id.encode()
-            await send(t.decisions, k, d.to_json())
-            await send(t.feature_log, k, orjson.dumps(
-                {"click_id": c.click_id, "ts": c.ts, "model_version": model.version,
-                 "feature_spec_hash": F.FEATURE_SPEC_HASH, "features": row, "score": d.score}))
+        decisions = decision_dicts(model, cs, scores, decided_at=int(time.time() * 1000))
+        for c, d in zip(cs, decisions, strict=True):
+            ip_out.add(t.decisions, c.click_id.encode(), orjson.dumps(d))
+        ip_out.add(t.feature_log, None, feature_log_record(model.version, cs, rows, [d["score"] for d in decisions]),
+                   partition=partition)
         state["decided"] += len(todo)
 
     @app.agent(by_ip, concurrency=1)
     async def ip_stage(stream: Any) -> None:
-        async for event in stream.noack().events():
-            rec = orjson.loads(event.value)
-            c = _view(rec["c"])
-            src = (rec["p"][0], rec["p"][1])
-            out = await _stage(ips, event.key, c, event.message.offset, src, F.update_ip, F.ip_features)
-            # a copy (out None) has nothing to decide but is acked in its turn, after the clicks before it
-            pending.append((event, c if out is not None else None, rec, out or []))
-            if len(pending) >= s.score_batch_size:
-                await score_pending()
-
-    @app.timer(s.score_batch_within_s)
-    async def score_timer() -> None:
-        await score_pending()  # a partly filled buffer waits at most score_batch_within_s
+        # One event = the clicks one user-stage flush sent to this partition: update the ips table click by
+        # click, score them in one batch and publish. Faust acks the event when the next one is taken, after
+        # everything it caused went to the producer.
+        async for event in stream.events():
+            msg = event.message
+            base = msg.offset * BATCH_MAX
+            todo: list[tuple[Click, Any, list[float]]] = []
+            for i, rec in enumerate(orjson.loads(event.value)):
+                c = _view(rec["c"])
+                src = (rec["p"][0], rec["p"][1])
+                out = _stage(ips_cl, msg.partition, c.ip.encode(), c, base + i, src, F.update_ip, F.ip_features)
+                if out is not None:  # a copy (None) has nothing to decide
+                    todo.append((c, rec, out))
+            if todo:
+                await score_and_send(todo, msg.partition)
+            ips_cl.write(ip_out)
+            ips_cl.persisted(await ip_out.flush())
 
     app.slidr_agents = (user_stage, ip_stage)  # type: ignore[attr-defined]
     return app
+
+
+def ip_partition(ip: str, partitions: int) -> int:
+    """The by-ip partition of an IP (an internal topic: any stable hash does; crc32 is C, murmur2 Python)."""
+    return zlib.crc32(ip.encode()) % partitions
+
+
+def feature_log_record(model_version: str, clicks: list[Click], rows: list[list[float]],
+                       scores: list[float]) -> bytes:
+    """One feature-log record: the clicks scored in one batch, their feature rows and scores (docs/design.md)."""
+    return orjson.dumps({"model_version": model_version, "feature_spec_hash": F.FEATURE_SPEC_HASH,
+                         "click_ids": [c.click_id for c in clicks], "ts": [c.ts for c in clicks],
+                         "features": rows, "scores": scores})
+
+
+def read_feature_log(value: bytes) -> list[dict[str, Any]]:
+    """The per-click rows of one feature-log record: click_id, ts, model_version, feature_spec_hash, features,
+    score."""
+    r = orjson.loads(value)
+    return [{"click_id": cid, "ts": ts, "model_version": r["model_version"],
+             "feature_spec_hash": r["feature_spec_hash"], "features": row, "score": sc}
+            for cid, ts, row, sc in zip(r["click_ids"], r["ts"], r["features"], r["scores"], strict=True)]
 
 
 def _b64(raw: bytes) -> str:

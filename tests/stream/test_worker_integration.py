@@ -16,7 +16,7 @@ import pytest
 from schemas.events import Click, decode_decision
 from stream import cache, toymodel
 from stream import features as F
-from stream.app import USERS_TABLE
+from stream.app import USERS_TABLE, read_feature_log
 from tests.stream import kafka_helpers as K
 from tests.stream.helpers import traffic
 
@@ -64,11 +64,12 @@ def _global_order(clicks: list[Click], by_ip: dict[int, list[Any]]) -> list[Clic
     for msgs in by_ip.values():
         seen: set[str] = set()
         chain = []
-        for m in msgs:
-            cid = orjson.loads(m.value)["c"]["click_id"]
-            if cid not in seen:
-                seen.add(cid)
-                chain.append(cid)
+        for m in msgs:  # each by-ip record: the clicks of one user-stage flush bound for this partition
+            for rec in orjson.loads(m.value):
+                cid = rec["c"]["click_id"]
+                if cid not in seen:
+                    seen.add(cid)
+                    chain.append(cid)
         chains.append(chain)
     done: set[str] = set()
     heads = [0] * len(chains)
@@ -108,9 +109,9 @@ def _check_features(kenv: Any, clicks: list[Click], profiles: dict[str, bytes], 
     want = {c.click_id: X[i] for i, c in enumerate(order)}
     got: dict[str, np.ndarray] = {}
     for m in rec[kenv.topics.feature_log]:
-        r = orjson.loads(m.value)
-        assert r["feature_spec_hash"] == F.FEATURE_SPEC_HASH and r["model_version"] == "toy-it"
-        got.setdefault(r["click_id"], np.asarray(r["features"], dtype=np.float32))
+        for r in read_feature_log(m.value):
+            assert r["feature_spec_hash"] == F.FEATURE_SPEC_HASH and r["model_version"] == "toy-it"
+            got.setdefault(r["click_id"], np.asarray(r["features"], dtype=np.float32))
     assert set(got) == set(want)
     bad = [k for k in want if not np.array_equal(got[k], want[k])]
     assert not bad, f"{len(bad)} clicks differ, e.g. {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
