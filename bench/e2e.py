@@ -1,9 +1,11 @@
-"""End-to-end throughput of one worker (clicks in -> decisions out) and a raw aiokafka passthrough ceiling.
+"""End-to-end throughput of one worker (clicks in -> decisions out) against two ceilings on the same broker.
 
-Both run on the same broker over the same pre-loaded clicks: the worker consumes a backlog of ``n`` clicks and
-we time first -> last decision (worker start-up excluded); the passthrough consumes the same clicks and
-produces each one unchanged to another topic (one consumer + one producer, no decoding) as the ceiling.
-Topics get a unique prefix and are deleted afterwards. ``slidr bench e2e [--set n=20000]``.
+All run over the same pre-loaded clicks: the worker consumes a backlog of ``n`` clicks and we time first ->
+last decision (worker start-up excluded). Ceilings: a raw aiokafka passthrough consumes the same clicks and
+produces each one unchanged to another topic (one consumer + one producer, no decoding); a bare Faust agent
+(``bench/faust_bare.py``) consumes them and does nothing, which no Faust worker can beat; it runs once with our
+Faust patches and settings and once as released (``stock``). Topics get a unique
+prefix and are deleted afterwards. ``slidr bench e2e [--set n=20000]``.
 """
 
 from __future__ import annotations
@@ -120,6 +122,19 @@ async def passthrough(s: Settings, src: str, dst: str, n: int) -> float:
         await p.stop()
 
 
+def faust_bare(s: Settings, topic: str, n: int, timeout_s: float, stock: bool = False) -> dict[str, Any]:
+    """Run bench/faust_bare.py over ``topic`` in its own process (``stock``: Faust as released); its result."""
+    import orjson
+
+    cmd = [sys.executable, "-m", "bench.faust_bare", topic, str(n)] + (["--stock"] if stock else [])
+    out = subprocess.run(cmd, env=worker_env(s),
+                         capture_output=True, timeout=timeout_s)
+    for line in out.stdout.decode().splitlines()[::-1]:
+        if line.startswith("{"):
+            return dict(orjson.loads(line))
+    raise RuntimeError(f"bench.faust_bare printed no result (rc {out.returncode}): {out.stderr.decode()[-2000:]}")
+
+
 async def drop_topics(s: Settings) -> None:
     from aiokafka.admin import AIOKafkaAdminClient
 
@@ -149,6 +164,8 @@ def run(n: int = 20_000, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any
             clicks = traffic(n, seed=7)
             asyncio.run(produce(s, t.clicks, [(c.user_key.encode(), c.to_json()) for c in clicks]))
             ceiling_s = asyncio.run(passthrough(s, t.clicks, f"{s.topic_prefix}.passthrough", n))
+            bare = faust_bare(s, t.clicks, n, timeout_s)
+            stock = faust_bare(s, t.clicks, n, timeout_s, stock=True)
             w = start_worker(s, tmp)
             try:
                 msgs = asyncio.run(consume_count(s, t.decisions, n, timeout_s))
@@ -165,4 +182,9 @@ def run(n: int = 20_000, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any
     ceiling_rate = n / ceiling_s
     return {"clicks": n, "decided": decided, "partitions": s.partitions, "cpu_cores": os.cpu_count(),
             "worker_clicks_per_s": round(worker_rate), "worker_first_to_last_decision_s": round(span_s, 2),
-            "passthrough_clicks_per_s": round(ceiling_rate), "ratio_to_ceiling": round(worker_rate / ceiling_rate, 3)}
+            "passthrough_clicks_per_s": round(ceiling_rate), "ratio_to_ceiling": round(worker_rate / ceiling_rate, 3),
+            "faust_bare_agent_clicks_per_s": bare["events_per_s"],
+            "faust_bare_agent_cpu_us_per_click": bare["cpu_us_per_event"],
+            "ratio_to_faust_bare": round(worker_rate / bare["events_per_s"], 3),
+            "faust_bare_agent_stock_clicks_per_s": stock["events_per_s"],
+            "faust_bare_agent_stock_cpu_us_per_click": stock["cpu_us_per_event"]}

@@ -81,6 +81,20 @@ class Settings(BaseSettings):
     def kafka_host(self) -> str:
         return self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[0]
 
+    def faust_credentials(self) -> Any:
+        """The Kafka credentials as a Faust app's ``broker_credentials`` (None for PLAINTEXT)."""
+        if self.kafka_security_protocol == "PLAINTEXT":
+            return None
+        import faust
+
+        ctx = self.kafka_client_kwargs().get("ssl_context")
+        if self.kafka_security_protocol.startswith("SASL"):
+            return faust.SASLCredentials(
+                username=self.kafka_sasl_username, ssl_context=ctx, mechanism=self.kafka_sasl_mechanism or "PLAIN",
+                password=self.kafka_sasl_password.get_secret_value() if self.kafka_sasl_password else None,
+            )
+        return faust.SSLCredentials(ctx)
+
     def kafka_client_kwargs(self) -> dict[str, Any]:
         """Connection keywords for aiokafka clients (producer, consumer, admin)."""
         kw: dict[str, Any] = {

@@ -195,18 +195,6 @@ def _direct(cl: TableWriter, partition: int, key: bytes, c: Click, src: tuple[in
     return feats
 
 
-def _broker_credentials(s: Settings) -> Any:
-    if s.kafka_security_protocol == "PLAINTEXT":
-        return None
-    ctx = s.kafka_client_kwargs().get("ssl_context")
-    if s.kafka_security_protocol.startswith("SASL"):
-        return faust.SASLCredentials(
-            username=s.kafka_sasl_username, ssl_context=ctx, mechanism=s.kafka_sasl_mechanism or "PLAIN",
-            password=s.kafka_sasl_password.get_secret_value() if s.kafka_sasl_password else None,
-        )
-    return faust.SSLCredentials(ctx)
-
-
 def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | None = None,
                data_dir: Path | None = None) -> faust.App:
     """Build the detector app for these settings (topics, group id, state folder all come from ``s``)."""
@@ -219,7 +207,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     app = faust.App(
         s.worker_id,
         broker=";".join(f"kafka://{b.strip()}" for b in s.kafka_bootstrap.split(",")),
-        broker_credentials=_broker_credentials(s),
+        broker_credentials=s.faust_credentials(),
         store="rocksdb://",
         datadir=str(datadir),
         topic_partitions=s.partitions,
