@@ -120,28 +120,57 @@ def _src(event: Any) -> tuple[int, int]:
     return int(p), int(o)
 
 
+_MISSING = object()
+
+
 class TableWriter:
     """A Faust table's writes, kept in memory until ``write`` puts them in the local store (one RocksDB write
     batch per partition) and into a Publisher for the changelog. See the module doc.
 
     ``put(partition, key, value)`` takes the partition of the event being processed, as ``table[key] = value``
-    would; ``get`` sees every put at once. ``write`` adds the latest value of every key put since the last write,
-    one changelog record per key; ``persisted`` records, once the producer acknowledges a changelog batch, the
-    offset up to which the store holds the changelog (as Faust's own ``_on_changelog_sent`` does), so a restart
-    replays only newer changelog records.
+    would (``value`` None deletes); ``get`` sees every put at once. ``write`` adds the latest value of every key
+    put since the last write, one changelog record per key (a tombstone for a delete); ``persisted`` records,
+    once the producer acknowledges a changelog batch, the offset up to which the store holds the changelog (as
+    Faust's own ``_on_changelog_sent`` does), so a restart replays only newer changelog records. ``sweep``
+    deletes keys idle for longer than the state's TTL (``features.is_expired``), a slice of a partition at a time.
     """
 
     def __init__(self, table: Any) -> None:
         self.store = table.data  # faust.stores.rocksdb.Store
         self.topic: str = table.changelog_topic.get_topic_name()
-        self.pending: dict[tuple[int, bytes], bytes] = {}
+        self.pending: dict[tuple[int, bytes], bytes | None] = {}
+        self.cursor: dict[int, bytes] = {}  # partition -> the key the next sweep starts at
+        self.swept = 0  # keys deleted so far
 
     def get(self, partition: int, key: bytes) -> bytes | None:
-        v = self.pending.get((partition, key))
-        return v if v is not None else self.store._db_for_partition(partition).get(key)
+        v = self.pending.get((partition, key), _MISSING)
+        if v is _MISSING:
+            return self.store._db_for_partition(partition).get(key)
+        return v  # type: ignore[return-value]
 
-    def put(self, partition: int, key: bytes, value: bytes) -> None:
+    def put(self, partition: int, key: bytes, value: bytes | None) -> None:
         self.pending[(partition, key)] = value
+
+    def sweep(self, partition: int, now_ms: int, visit: int) -> None:
+        """Delete the keys of ``partition`` idle at event time ``now_ms``, visiting at most ``visit`` keys from
+        where the previous sweep of the partition stopped (and starting over at the end)."""
+        it = self.store._db_for_partition(partition).iter()
+        start = self.cursor.pop(partition, None)
+        it.seek(start) if start is not None else it.seek_to_first()
+        for _ in range(visit):
+            if not it.valid():
+                return  # the end: the next sweep starts over
+            k = it.key()
+            if not k.startswith(b"__faust"):  # Faust's own bookkeeping (the persisted changelog offset)
+                v = self.pending.get((partition, k), _MISSING)
+                if v is _MISSING:
+                    v = it.value()
+                if v is not None and F.is_expired(orjson.loads(v), now_ms):  # type: ignore[arg-type]
+                    self.put(partition, k, None)
+                    self.swept += 1
+            it.next()
+        if it.valid():
+            self.cursor[partition] = it.key()
 
     def write(self, pub: Publisher) -> None:
         pending, self.pending = self.pending, {}
@@ -150,7 +179,10 @@ class TableWriter:
             wb = batches.get(p)
             if wb is None:
                 wb = batches[p] = rocksdict.WriteBatch(raw_mode=True)
-            wb.put(k, v)
+            if v is None:
+                wb.delete(k)
+            else:
+                wb.put(k, v)
             pub.add(self.topic, k, v, partition=p)
         for p, wb in batches.items():
             self.store._db_for_partition(p).write(wb)
@@ -243,7 +275,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     ips = app.Table(IPS_TABLE, default=None, partitions=s.partitions, key_type=bytes, value_type=bytes)
     users_cl, ips_cl = TableWriter(users), TableWriter(ips)
     redis_prefix = s.redis_key_prefix + ":"
-    state: dict[str, Any] = {"redis": None, "decided": 0, "dead": 0}
+    state: dict[str, Any] = {"redis": None, "decided": 0, "dead": 0, "tables": (users_cl, ips_cl)}
     app.slidr_state = state  # type: ignore[attr-defined]  # counters for logs / tests
 
     def producer() -> Any:
@@ -261,6 +293,8 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     # The user stage's forward buffer: by-ip partition -> the clicks bound there (one record per partition and
     # flush), and the events in arrival order, acked once their records are with the producer.
     fwd: dict[int, list[bytes]] = {}
+    user_clock: dict[int, int] = {}  # clicks partition -> latest event time seen there (the sweeps' clock)
+    ip_clock: dict[int, int] = {}  # the same per by-ip partition
     waiting: list[Any] = []
     flushing = asyncio.Lock()  # one flush at a time, in arrival order (asyncio locks are FIFO)
 
@@ -273,6 +307,8 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                 return
             events = waiting[:]
             waiting.clear()
+            for p in {ev.message.partition for ev in events if ev.message.topic == t.clicks}:
+                users_cl.sweep(p, user_clock.get(p, 0), s.sweep_keys)  # ours until these events are acked
             for p, items in fwd.items():
                 user_out.add(by_ip_name, None, b"[" + b",".join(items) + b"]", partition=p)
             fwd.clear()
@@ -305,6 +341,8 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                     continue
                 out = _direct(users_cl, msg.partition, event.key, c, (msg.partition, msg.offset))
                 tag = msg.partition
+                if c.ts > user_clock.get(msg.partition, 0):
+                    user_clock[msg.partition] = c.ts
             if out is not None:  # forward the click with its position here (the next stage's dedupe key)
                 fwd.setdefault(ip_partition(c.ip, s.partitions), []).append(
                     b'{"c":' + raw + b',"u":' + orjson.dumps(out) + b',"p":[' + str(tag).encode() + b","
@@ -356,8 +394,11 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                 out = _stage(ips_cl, msg.partition, c.ip.encode(), c, base + i, src, F.update_ip, F.ip_features)
                 if out is not None:  # a copy (None) has nothing to decide
                     todo.append((c, rec, out))
+                if c.ts > ip_clock.get(msg.partition, 0):
+                    ip_clock[msg.partition] = c.ts
             if todo:
                 await score_and_send(todo, msg.partition)
+            ips_cl.sweep(msg.partition, ip_clock.get(msg.partition, 0), s.sweep_keys)
             ips_cl.write(ip_out)
             ips_cl.persisted(await ip_out.flush())
 

@@ -18,7 +18,8 @@ partition) and ``is_duplicate`` recognises a redelivered copy exactly; ``user_fe
 read a key's features without changing it.
 Expiry: a state whose newest event is more than ``TTL_MS`` older than the click is dropped (a fresh one
 starts). ``is_expired`` (idle for longer than ``TTL_MS + EXPIRY_GRACE_MS`` of event time) is the rule for
-deleting idle keys; the stream does not sweep its tables with it yet, so an idle key lingers until its next click.
+deleting idle keys: the worker sweeps its tables with it, a slice of each partition per flush, against the
+newest event time seen in that partition (``stream.app.TableWriter.sweep``).
 """
 
 from __future__ import annotations

@@ -33,7 +33,8 @@ class Publisher:
         self._open: dict[tuple[str, int], Any] = {}
         self._full: list[tuple[tuple[str, int], Any]] = []
 
-    def add(self, topic: str, key: bytes | None, value: bytes, partition: int | None = None) -> None:
+    def add(self, topic: str, key: bytes | None, value: bytes | None, partition: int | None = None) -> None:
+        """Add one record (``value`` None: a tombstone); ``partition`` None: the key's default partition."""
         if partition is None:
             if key is None:
                 raise ValueError("a record without a key needs an explicit partition")
@@ -46,7 +47,7 @@ class Publisher:
             self._full.append((tp, b))
             b = self._open[tp] = self._producer().create_batch()
             if b.append(key=key, value=value, timestamp=None) is None:
-                raise ValueError(f"a record of {len(value)} bytes does not fit in one producer batch")
+                raise ValueError(f"a record of {len(value or b'')} bytes does not fit in one producer batch")
 
     def __len__(self) -> int:
         return len(self._open) + len(self._full)

@@ -18,7 +18,7 @@ from stream import cache, toymodel
 from stream import features as F
 from stream.app import USERS_TABLE, read_feature_log
 from tests.stream import kafka_helpers as K
-from tests.stream.helpers import traffic
+from tests.stream.helpers import click, traffic
 
 pytestmark = pytest.mark.integration
 
@@ -200,3 +200,36 @@ def test_two_workers_split_partitions_and_decide_everything(kenv: Any) -> None:
     # both workers did part of the work: each one's state folder holds table data
     for i in range(2):
         assert any((kenv.workdir / f"w{i}").rglob("*.sst")) or any((kenv.workdir / f"w{i}").rglob("*.log")), i
+
+
+def _changelog_latest(kenv: Any, table: str) -> dict[bytes, bytes | None]:
+    parts = asyncio.run(K.read_partitions(kenv.settings, f"{kenv.settings.worker_id}-{table}-changelog"))
+    return {m.key: m.value for msgs in parts.values() for m in msgs}
+
+
+def test_idle_keys_are_deleted_once_event_time_passes_their_ttl(kenv: Any) -> None:
+    """Users and IPs idle for longer than TTL + grace (event time) are deleted online: a tombstone in the
+    changelog (the local store deletes them in the same write batch); keys still in use stay."""
+    s = kenv.settings
+    toymodel.build_registry(s.registry_path, version="toy-it")
+    old = traffic(1500, seed=3)  # about 75 s of traffic from T0
+    later = old[-1].ts + F.TTL_MS + F.EXPIRY_GRACE_MS + 60_000
+    new = [click(10_000 + i, later + 40 * i, ip=f"192.168.{i % 5}.{i % 40}", session=f"late{i % 97}")
+           for i in range(1500)]
+    w = K.start_worker(s, kenv.workdir / "w0", kenv.workdir / "w0.log")
+    try:
+        asyncio.run(K.produce(s, kenv.topics.clicks, old))
+        asyncio.run(K.read_until(s, [kenv.topics.decisions], lambda r: len(r[kenv.topics.decisions]) >= len(old), 240))
+        asyncio.run(K.produce(s, kenv.topics.clicks, new))
+        n = len(old) + len(new)
+        asyncio.run(K.read_until(s, [kenv.topics.decisions], lambda r: len(r[kenv.topics.decisions]) >= n, 240))
+        time.sleep(2)  # the last flush's changelog records
+    finally:
+        K.stop(w)
+    for table, key in ((USERS_TABLE, lambda c: c.user_key), ("ips", lambda c: c.ip)):
+        latest = _changelog_latest(kenv, table)
+        old_keys = {key(c).encode() for c in old} - {key(c).encode() for c in new}
+        new_keys = {key(c).encode() for c in new}
+        assert old_keys and all(k in latest for k in old_keys)
+        assert [k for k in old_keys if latest[k] is not None] == [], f"{table}: idle keys not deleted"
+        assert all(latest.get(k) is not None for k in new_keys), f"{table}: a live key was deleted"
