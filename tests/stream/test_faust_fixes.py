@@ -87,3 +87,73 @@ def test_a_seek_restarts_the_first_delivered_offset() -> None:
     deliver(c, 60)
     ack(c, 60)
     assert Consumer._new_offset(c, TP) == 61
+
+
+# --- delivery fast path ----------------------------------------------------------------------------------
+def _app() -> Any:
+    import faust
+
+    app = faust.App("fixes-test", broker="kafka://127.0.0.1:1", web_enabled=False, stream_buffer_maxsize=4)
+    t = app.topic("t", key_type=bytes, value_type=bytes)
+    app.topics.add(t)
+    return app, t
+
+
+def test_delivery_can_block_follows_flow_control_and_full_buffers() -> None:
+    import asyncio
+
+    async def main() -> None:
+        app, t = _app()
+        assert faust_fixes.delivery_can_block(app)  # flow control starts suspended (before partitions arrive)
+        app.flow_control.resume()
+        assert not faust_fixes.delivery_can_block(app)
+        for i in range(4):
+            t.queue.put_nowait(i)
+        assert faust_fixes.delivery_can_block(app)  # a stream buffer is full: a delivery would wait
+        t.queue.clear()
+        assert not faust_fixes.delivery_can_block(app)
+        async with app.topics._tp_to_callback_lock:  # subscriptions being updated
+            assert faust_fixes.delivery_can_block(app)
+
+    asyncio.run(main())
+
+
+def test_wait_first_awaits_a_delivery_directly_only_when_it_cannot_block() -> None:
+    import asyncio
+
+    async def main() -> None:
+        app, t = _app()
+        app.flow_control.resume()
+        c = SimpleNamespace(app=app, suspend_flow=asyncio.Event(), _stopped=asyncio.Event(),
+                            _crashed=asyncio.Event())
+        delivered: list[int] = []
+
+        async def deliver() -> int:
+            delivered.append(1)
+            return 7
+
+        async def suspend_wait() -> None:
+            raise AssertionError("the fast path never starts the suspension wait")
+
+        res = await Consumer.wait_first(c, deliver(), suspend_wait())
+        assert res.results == [7] and not res.stopped and delivered == [1]
+        # a full stream buffer: Faust's own path (its tasks race the delivery against the suspension)
+        for i in range(4):
+            t.queue.put_nowait(i)
+        called: list[Any] = []
+
+        async def service_wait_first(self: Any, *coros: Any, timeout: Any = None) -> str:
+            called.append(coros)
+            for co in coros:
+                co.close()
+            return "faust"
+
+        orig = faust_fixes.Service.wait_first
+        faust_fixes.Service.wait_first = service_wait_first  # type: ignore[method-assign]
+        try:
+            assert await Consumer.wait_first(c, deliver(), suspend_wait()) == "faust"
+        finally:
+            faust_fixes.Service.wait_first = orig  # type: ignore[method-assign]
+        assert len(called) == 1 and delivered == [1]
+
+    asyncio.run(main())
