@@ -57,9 +57,10 @@ class Settings(BaseSettings):
     score_batch_size: int = Field(256, ge=1, le=1024, description=(
         "Clicks the user stage buffers before it forwards them (one by-ip record per partition; each record is "
         "scored in one ONNX call). At most 1024, which keeps a record well under Kafka's 1 MB message limit."))
-    sweep_keys: int = Field(64, ge=0, description=(
-        "Table keys checked for expiry per partition each time a stage flushes (0: never delete idle keys). "
-        "Keys idle for more than the state TTL + grace in event time are deleted, tombstoned in the changelog."))
+    sweep_keys_per_click: float = Field(0.25, ge=0, description=(
+        "Table keys checked for expiry per click handled (0: never delete idle keys): each stage flush checks that "
+        "many keys of each partition it handled, going round the partition. Keys idle for more than the state TTL "
+        "+ grace in event time are deleted, tombstoned in the changelog."))
     score_batch_within_s: float = Field(0.01, gt=0, description=(
         "Longest a click waits in the user stage's buffer before it is forwarded to scoring."))
     onnx_providers: str = Field(

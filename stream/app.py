@@ -38,8 +38,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 import zlib
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -123,6 +125,16 @@ def _src(event: Any) -> tuple[int, int]:
 _MISSING = object()
 
 
+def _state_hi(v: bytes) -> int:
+    """A stored state's newest event time: read from the front of the JSON without parsing it all (states are
+    written with "hi" first), else parsed."""
+    if v.startswith(b'{"hi":'):
+        end = v.find(b",", 6)
+        if end > 6 and v[6:end].isdigit():
+            return int(v[6:end])
+    return int(orjson.loads(v)["hi"])
+
+
 class TableWriter:
     """A Faust table's writes, kept in memory until ``write`` puts them in the local store (one RocksDB write
     batch per partition) and into a Publisher for the changelog. See the module doc.
@@ -154,6 +166,8 @@ class TableWriter:
     def sweep(self, partition: int, now_ms: int, visit: int) -> None:
         """Delete the keys of ``partition`` idle at event time ``now_ms``, visiting at most ``visit`` keys from
         where the previous sweep of the partition stopped (and starting over at the end)."""
+        if visit <= 0:
+            return
         it = self.store._db_for_partition(partition).iter()
         start = self.cursor.pop(partition, None)
         it.seek(start) if start is not None else it.seek_to_first()
@@ -165,7 +179,7 @@ class TableWriter:
                 v = self.pending.get((partition, k), _MISSING)
                 if v is _MISSING:
                     v = it.value()
-                if v is not None and F.is_expired(orjson.loads(v), now_ms):  # type: ignore[arg-type]
+                if v is not None and F.is_expired({"hi": _state_hi(v)}, now_ms):  # type: ignore[arg-type]
                     self.put(partition, k, None)
                     self.swept += 1
             it.next()
@@ -307,8 +321,9 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                 return
             events = waiting[:]
             waiting.clear()
-            for p in {ev.message.partition for ev in events if ev.message.topic == t.clicks}:
-                users_cl.sweep(p, user_clock.get(p, 0), s.sweep_keys)  # ours until these events are acked
+            per_partition = Counter(ev.message.partition for ev in events if ev.message.topic == t.clicks)
+            for p, n in per_partition.items():  # ours until these events are acked
+                users_cl.sweep(p, user_clock.get(p, 0), math.ceil(n * s.sweep_keys_per_click))
             for p, items in fwd.items():
                 user_out.add(by_ip_name, None, b"[" + b",".join(items) + b"]", partition=p)
             fwd.clear()
@@ -398,7 +413,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                     ip_clock[msg.partition] = c.ts
             if todo:
                 await score_and_send(todo, msg.partition)
-            ips_cl.sweep(msg.partition, ip_clock.get(msg.partition, 0), s.sweep_keys)
+            ips_cl.sweep(msg.partition, ip_clock.get(msg.partition, 0), math.ceil(len(todo) * s.sweep_keys_per_click))
             ips_cl.write(ip_out)
             ips_cl.persisted(await ip_out.flush())
 

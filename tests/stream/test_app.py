@@ -1,0 +1,48 @@
+"""The worker's pure helpers (stream/app.py), without Kafka."""
+
+from __future__ import annotations
+
+import orjson
+
+from schemas.events import Click
+from stream import features as F
+from stream.app import ClickView, _state_hi, feature_log_record, ip_partition, read_feature_log
+from stream.synth import T0
+from tests.stream.helpers import click, traffic
+
+
+def test_click_view_reads_like_the_click() -> None:
+    for c in [*traffic(200, seed=4), click(1, T0, customer="cu"), click(2, T0 + 6, tz=60)]:
+        d = orjson.loads(c.to_json())
+        d.pop("cpc")  # a producer may leave out fields with defaults
+        v = ClickView(d)
+        for name in Click.model_fields:
+            want = 0.0 if name == "cpc" else getattr(c, name)
+            assert getattr(v, name) == want, name
+        assert v.user_key == c.user_key and v.slice == c.slice
+
+
+def test_state_hi_reads_the_front_of_a_state_and_falls_back_to_parsing() -> None:
+    st, _ = F.update_user(None, click(1, 1_700_000_123_456))
+    raw = orjson.dumps(st)
+    assert raw.startswith(b'{"hi":') and _state_hi(raw) == 1_700_000_123_456
+    assert _state_hi(orjson.dumps({"m": [], "hi": 42})) == 42  # another key order: parsed
+    ip, _ = F.update_ip(None, click(2, T0 + 77))
+    assert _state_hi(orjson.dumps(ip)) == T0 + 77
+
+
+def test_ip_partition_is_stable_and_spreads() -> None:
+    ips = [f"10.0.{i // 256}.{i % 256}" for i in range(2000)]
+    parts = [ip_partition(ip, 4) for ip in ips]
+    assert parts == [ip_partition(ip, 4) for ip in ips]
+    assert all(parts.count(p) > 350 for p in range(4))
+
+
+def test_feature_log_record_round_trips() -> None:
+    cs = traffic(3, seed=1)
+    rows = [[float(i), 0.5] for i in range(3)]
+    back = read_feature_log(feature_log_record("v9", cs, rows, [0.1, 0.2, 0.3]))
+    assert [r["click_id"] for r in back] == [c.click_id for c in cs]
+    assert [r["features"] for r in back] == rows and [r["score"] for r in back] == [0.1, 0.2, 0.3]
+    assert {r["model_version"] for r in back} == {"v9"} and back[0]["feature_spec_hash"] == F.FEATURE_SPEC_HASH
+    assert [r["ts"] for r in back] == [c.ts for c in cs]
