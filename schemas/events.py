@@ -8,6 +8,7 @@ have size limits, timestamps are epoch milliseconds inside sane bounds. Any prob
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from typing import Annotated, Any, Final, Literal, TypeVar
 
@@ -55,6 +56,17 @@ class _Record(BaseModel):
         return orjson.dumps(self.model_dump())
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _is_ip(s: str) -> bool:
+    """``ipaddress`` parsing, remembered: the same IPs recur (gateways, bots) and parsing was a quarter of a
+    click's decoding time."""
+    try:
+        ipaddress.ip_address(s)
+    except ValueError:
+        return False
+    return True
+
+
 class Click(_Record):
     """A raw ad click as producers send it to the clicks topic."""
 
@@ -76,10 +88,8 @@ class Click(_Record):
 
     @model_validator(mode="after")
     def _check(self) -> Click:
-        try:
-            ipaddress.ip_address(self.ip)
-        except ValueError:
-            raise ValueError(f"ip: not an IPv4/IPv6 address: {self.ip[:45]!r}") from None
+        if not _is_ip(self.ip):
+            raise ValueError(f"ip: not an IPv4/IPv6 address: {self.ip[:45]!r}")
         if self.logged_in != (self.customer_id is not None):
             raise ValueError("logged_in: must be true exactly when customer_id is set")
         return self

@@ -89,7 +89,11 @@ def delivery_can_block(app: Any) -> bool:
     conductor = app.topics
     if conductor._tp_to_callback_lock.locked():
         return True
-    return any(chan.queue.full() for chan in conductor._topics)
+    for chan in conductor._topics:
+        q = chan._queue  # None until the channel's queue is first used (then empty: not full)
+        if q is not None and q.full():
+            return True
+    return False
 
 
 async def _wait_first(self: Any, *coros: Any, timeout: Any = None) -> Any:
