@@ -5,7 +5,8 @@ last decision (worker start-up excluded). Ceilings: a raw aiokafka passthrough c
 produces each one unchanged to another topic (one consumer + one producer, no decoding); a bare Faust agent
 (``bench/faust_bare.py``) consumes them and does nothing, which no Faust worker can beat; it runs once with our
 Faust patches and settings and once as released (``stock``). Topics get a unique
-prefix and are deleted afterwards. ``slidr bench e2e [--set n=20000]``.
+prefix and are deleted afterwards. ``n`` is 100,000 by default: the bare agent needs a few seconds of
+clicks to measure a steady rate. ``slidr bench e2e [--set n=20000]``.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ async def drop_topics(s: Settings) -> None:
         await admin.close()
 
 
-def run(n: int = 20_000, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
+def run(n: int = 100_000, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
     from slidr.services import create_topics_async
     from slidr.topics import TopicSpec
     from stream.app import ensure_topics
