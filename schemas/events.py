@@ -67,7 +67,25 @@ def _is_ip(s: str) -> bool:
     return True
 
 
-class Click(_Record):
+class ClickKeys:
+    """What a click is counted under: shared by ``Click`` and the worker's light view of a validated click."""
+
+    customer_id: str | None
+    session_id: str
+    platform: str
+    logged_in: bool
+
+    @property
+    def user_key(self) -> str:
+        """The entity whose click rate we count: the customer when logged in, else the session/visitor."""
+        return f"c:{self.customer_id}" if self.customer_id is not None else f"s:{self.session_id}"
+
+    @property
+    def slice(self) -> str:
+        return slice_of(self.platform, self.logged_in)
+
+
+class Click(_Record, ClickKeys):
     """A raw ad click as producers send it to the clicks topic."""
 
     v: Literal[1] = SCHEMA_VERSION
@@ -93,15 +111,6 @@ class Click(_Record):
         if self.logged_in != (self.customer_id is not None):
             raise ValueError("logged_in: must be true exactly when customer_id is set")
         return self
-
-    @property
-    def user_key(self) -> str:
-        """The entity whose click rate we count: the customer when logged in, else the session/visitor."""
-        return f"c:{self.customer_id}" if self.customer_id is not None else f"s:{self.session_id}"
-
-    @property
-    def slice(self) -> str:
-        return slice_of(self.platform, self.logged_in)
 
 
 class Purchase(_Record):
