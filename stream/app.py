@@ -296,70 +296,56 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         await dead.send(key=None, value=dl.to_json())
         state["dead"] += 1
 
-    # The user stage's forward buffer: by-ip partition -> the clicks bound there (one record per partition and
-    # flush), and the events in arrival order, acked once their records are with the producer.
-    fwd: dict[int, list[bytes]] = {}
     user_clock: dict[int, int] = {}  # clicks partition -> latest event time seen there (the sweeps' clock)
     ip_clock: dict[int, int] = {}  # the same per by-ip partition
-    waiting: list[Any] = []
-    flushing = asyncio.Lock()  # one flush at a time, in arrival order (asyncio locks are FIFO)
-
     user_out = Publisher(producer, lambda topic: s.partitions)
 
-    async def flush_forward() -> None:
-        """Send the buffered clicks to by-ip (a record per partition) and the users changelog, then ack."""
-        async with flushing:
-            if not waiting:
+    async def user_event(event: Any, fwd: dict[int, list[bytes]]) -> None:
+        """One click: validate, update its user's state, add it to the record bound for its IP's partition."""
+        msg = event.message
+        raw: bytes = event.value
+        if msg.topic == by_user_name:  # forwarded below: validated already, src in its header
+            c = _view(orjson.loads(raw))
+            sp, so = _src(event)  # its clicks position, tagged apart from the direct clicks'
+            out = _stage(users_cl, msg.partition, event.key, c, msg.offset, (FORWARDED + sp, so),
+                         F.update_user, F.user_features)
+            tag = FORWARDED + msg.partition
+        else:
+            try:
+                c = decode_click(raw)
+            except SchemaError as e:
+                await dead_letter(event, raw, e)
                 return
-            events = waiting[:]
-            waiting.clear()
+            if event.key != c.user_key.encode():  # foreign producer: repartition by user key first
+                await by_user.send(key=c.user_key.encode(), value=raw,
+                                   headers={"src": f"{msg.partition},{msg.offset}".encode()})
+                return
+            out = _direct(users_cl, msg.partition, event.key, c, (msg.partition, msg.offset))
+            tag = msg.partition
+            if c.ts > user_clock.get(msg.partition, 0):
+                user_clock[msg.partition] = c.ts
+        if out is not None:  # forward the click with its position here (the next stage's dedupe key)
+            fwd.setdefault(ip_partition(c.ip, s.partitions), []).append(
+                b'{"c":' + raw + b',"u":' + orjson.dumps(out) + b',"p":[' + str(tag).encode() + b","
+                + str(msg.offset).encode() + b"]}")
+
+    @app.agent(user_in, concurrency=1)
+    async def user_stage(stream: Any) -> None:
+        # Batches of up to score_batch_size events or score_batch_within_s seconds. Table writes name their
+        # partition (each event's own, TableWriter), never Faust's current event, so batching cannot misplace
+        # them. Faust acks a batch's events, in order, after this body hands everything they caused to the
+        # producer.
+        async for events in stream.take_events(s.score_batch_size, within=s.score_batch_within_s):
+            fwd: dict[int, list[bytes]] = {}
+            for event in events:
+                await user_event(event, fwd)
             per_partition = Counter(ev.message.partition for ev in events if ev.message.topic == t.clicks)
             for p, n in per_partition.items():  # ours until these events are acked
                 users_cl.sweep(p, user_clock.get(p, 0), math.ceil(n * s.sweep_keys_per_click))
             for p, items in fwd.items():
                 user_out.add(by_ip_name, None, b"[" + b",".join(items) + b"]", partition=p)
-            fwd.clear()
             users_cl.write(user_out)
             users_cl.persisted(await user_out.flush())
-            for ev in events:  # everything these events caused is with the producer: their offsets may commit
-                ev.ack()
-
-    @app.agent(user_in, concurrency=1)
-    async def user_stage(stream: Any) -> None:
-        async for event in stream.noack().events():
-            msg = event.message
-            raw: bytes = event.value
-            waiting.append(event)
-            if msg.topic == by_user_name:  # forwarded below: validated already, src in its header
-                c = _view(orjson.loads(raw))
-                sp, so = _src(event)  # its clicks position, tagged apart from the direct clicks'
-                out = _stage(users_cl, msg.partition, event.key, c, msg.offset, (FORWARDED + sp, so),
-                             F.update_user, F.user_features)
-                tag = FORWARDED + msg.partition
-            else:
-                try:
-                    c = decode_click(raw)
-                except SchemaError as e:
-                    await dead_letter(event, raw, e)
-                    continue
-                if event.key != c.user_key.encode():  # foreign producer: repartition by user key first
-                    await by_user.send(key=c.user_key.encode(), value=raw,
-                                       headers={"src": f"{msg.partition},{msg.offset}".encode()})
-                    continue
-                out = _direct(users_cl, msg.partition, event.key, c, (msg.partition, msg.offset))
-                tag = msg.partition
-                if c.ts > user_clock.get(msg.partition, 0):
-                    user_clock[msg.partition] = c.ts
-            if out is not None:  # forward the click with its position here (the next stage's dedupe key)
-                fwd.setdefault(ip_partition(c.ip, s.partitions), []).append(
-                    b'{"c":' + raw + b',"u":' + orjson.dumps(out) + b',"p":[' + str(tag).encode() + b","
-                    + str(msg.offset).encode() + b"]}")
-            if len(waiting) >= s.score_batch_size:
-                await flush_forward()
-
-    @app.timer(s.score_batch_within_s)
-    async def forward_timer() -> None:
-        await flush_forward()  # a partly filled buffer waits at most score_batch_within_s
 
     ip_out = Publisher(producer, lambda topic: s.partitions)
 
