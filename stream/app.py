@@ -66,6 +66,8 @@ faust_fixes.install()  # never commit past an unacked offset (faust-streaming 0.
 USERS_TABLE = "users"
 IPS_TABLE = "ips"
 FORWARDED = 1 << 16  # by-ip "p" tag of a click that came through by-user: FORWARDED + its by-user partition
+IP_RECORDS_PER_BATCH = 16  # by-ip records scored together at most (each holds one user-stage flush's share)
+IP_BATCH_WITHIN_S = 0.002  # longest the IP stage waits for more records before it scores what it has
 BATCH_MAX = 1 << 16  # most clicks in one by-ip record (settings cap score_batch_size below it)
 
 
@@ -349,49 +351,61 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
 
     ip_out = Publisher(producer, lambda topic: s.partitions)
 
-    async def score_and_send(todo: list[tuple[Click, Any, list[float]]], partition: int) -> None:
-        """Profiles (one Redis MGET), one ONNX call, a decision per click and one feature-log record."""
+    async def score_and_send(todo: list[tuple[int, Click, Any, list[float]]]) -> None:
+        """Profiles (one Redis MGET), one ONNX call, a decision per click and a feature-log record per by-ip
+        partition. ``todo``: (by-ip partition, click, forwarded record, IP features)."""
         if state["redis"] is None:
             import redis.asyncio as aioredis
 
             state["redis"] = aioredis.from_url(s.redis_url, **s.redis_kwargs())
         keys: list[str] = []
-        for c, _, _ in todo:
+        for _, c, _, _ in todo:
             ck, ik = F.profile_keys(c)
             keys.append(redis_prefix + (ck or "-"))
             keys.append(redis_prefix + ik)
         vals = await state["redis"].mget(keys)  # one round trip per batch
-        cs = [c for c, _, _ in todo]
+        cs = [c for _, c, _, _ in todo]
         rows = [F.assemble(c, rec["u"], ipf, F.profile_from(vals[2 * j], vals[2 * j + 1]))
-                for j, (c, rec, ipf) in enumerate(todo)]
+                for j, (_, c, rec, ipf) in enumerate(todo)]
         scores = score_batch(model, np.asarray(rows, dtype=np.float32))
         decisions = decision_dicts(model, cs, scores, decided_at=int(time.time() * 1000))
         for c, d in zip(cs, decisions, strict=True):
             ip_out.add(t.decisions, c.click_id.encode(), orjson.dumps(d))
-        ip_out.add(t.feature_log, None, feature_log_record(model.version, cs, rows, [d["score"] for d in decisions]),
-                   partition=partition)
+        for p in sorted({p for p, _, _, _ in todo}):
+            js = [j for j, item in enumerate(todo) if item[0] == p]
+            ip_out.add(t.feature_log, None, feature_log_record(
+                model.version, [cs[j] for j in js], [rows[j] for j in js], [decisions[j]["score"] for j in js]),
+                partition=p)
         state["decided"] += len(todo)
+
+    def ip_event(event: Any, todo: list[tuple[int, Click, Any, list[float]]]) -> None:
+        """One by-ip record (the clicks of one user-stage flush bound for its partition): update the ips table
+        click by click and add the clicks to score."""
+        msg = event.message
+        p = msg.partition
+        base = msg.offset * BATCH_MAX
+        n = 0
+        for i, rec in enumerate(orjson.loads(event.value)):
+            c = _view(rec["c"])
+            src = (rec["p"][0], rec["p"][1])
+            out = _stage(ips_cl, p, c.ip.encode(), c, base + i, src, F.update_ip, F.ip_features)
+            if out is not None:  # a copy (None) has nothing to decide
+                todo.append((p, c, rec, out))
+                n += 1
+            if c.ts > ip_clock.get(p, 0):
+                ip_clock[p] = c.ts
+        ips_cl.sweep(p, ip_clock.get(p, 0), math.ceil(n * s.sweep_keys_per_click))  # ours until acked
 
     @app.agent(by_ip, concurrency=1)
     async def ip_stage(stream: Any) -> None:
-        # One event = the clicks one user-stage flush sent to this partition: update the ips table click by
-        # click, score them in one batch and publish. Faust acks the event when the next one is taken, after
-        # everything it caused went to the producer.
-        async for event in stream.events():
-            msg = event.message
-            base = msg.offset * BATCH_MAX
-            todo: list[tuple[Click, Any, list[float]]] = []
-            for i, rec in enumerate(orjson.loads(event.value)):
-                c = _view(rec["c"])
-                src = (rec["p"][0], rec["p"][1])
-                out = _stage(ips_cl, msg.partition, c.ip.encode(), c, base + i, src, F.update_ip, F.ip_features)
-                if out is not None:  # a copy (None) has nothing to decide
-                    todo.append((c, rec, out))
-                if c.ts > ip_clock.get(msg.partition, 0):
-                    ip_clock[msg.partition] = c.ts
+        # A few by-ip records at a time (whatever arrived within a few ms): one scoring batch, one flush. Faust
+        # acks the records, in order, after this body hands everything they caused to the producer.
+        async for events in stream.take_events(IP_RECORDS_PER_BATCH, within=IP_BATCH_WITHIN_S):
+            todo: list[tuple[int, Click, Any, list[float]]] = []
+            for event in events:
+                ip_event(event, todo)
             if todo:
-                await score_and_send(todo, msg.partition)
-            ips_cl.sweep(msg.partition, ip_clock.get(msg.partition, 0), math.ceil(len(todo) * s.sweep_keys_per_click))
+                await score_and_send(todo)
             ips_cl.write(ip_out)
             ips_cl.persisted(await ip_out.flush())
 
