@@ -54,7 +54,7 @@ class Settings(BaseSettings):
     registry_path: Path = Field(Path(".slidr/registry"), description="Model registry folder.")
     worker_id: str = Field("slidr-detector", description="Faust app id = the detector's consumer group.")
     worker_web_port: int = Field(6066, description="Faust web port of the first worker (0 disables it).")
-    score_batch_size: int = Field(256, ge=1, le=1024, description=(
+    score_batch_size: int = Field(512, ge=1, le=1024, description=(
         "Clicks the user stage buffers before it forwards them (one by-ip record per partition; each record is "
         "scored in one ONNX call). At most 1024, which keeps a record well under Kafka's 1 MB message limit."))
     sweep_keys_per_click: float = Field(0.25, ge=0, description=(

@@ -123,19 +123,23 @@ def _bump(buckets: list[list[int]], b: int) -> None:
 
 
 def _window_counts(buckets: list[list[int]], b: int, widths: tuple[int, ...]) -> list[int]:
-    """Clicks in buckets ``b - w < x <= b`` for each width (widths ascending)."""
-    out = [0] * len(widths)
-    lo = b - widths[-1]
+    """Clicks in buckets ``b - w < x <= b`` for each width (widths ascending): one pass from the newest bucket,
+    a running total read off as each width is passed."""
+    out = []
+    total = 0
+    k = 0
+    n = len(widths)
     for x, c in reversed(buckets):
         if x > b:
             continue
-        if x <= lo:
-            break
         age = b - x
-        for i, w in enumerate(widths):
-            if age < w:
-                out[i] += c
-    return out
+        while age >= widths[k]:
+            out.append(total)
+            k += 1
+            if k == n:
+                return out
+        total += c
+    return out + [total] * (n - k)
 
 
 def _prune(buckets: list[list[int]], keep_after: int) -> None:

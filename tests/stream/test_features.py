@@ -209,3 +209,14 @@ def test_state_stays_bounded(events: list[tuple[int, int]]) -> None:
     assert len(su["m"]) <= 61 and len(su["h"]) <= 25 and su["src"] == {}
     assert len(si["u"]) <= F.DISTINCT_CAP and len(si["s"]) <= F.DISTINCT_CAP
     assert len(orjson.dumps(su)) < 2048
+
+
+@given(st.lists(st.tuples(st.integers(0, 200), st.integers(1, 5)), max_size=80), st.integers(0, 220),
+       st.sampled_from([(1,), (24,), (1, 5, 60), (2, 3), (60,)]))
+def test_window_counts_equal_the_definition(raw: list[tuple[int, int]], b: int, widths: tuple[int, ...]) -> None:
+    counts: dict[int, int] = {}
+    for x, c in raw:
+        counts[x] = counts.get(x, 0) + c
+    buckets = [[x, counts[x]] for x in sorted(counts)]
+    want = [sum(c for x, c in buckets if b - w < x <= b) for w in widths]
+    assert F._window_counts(buckets, b, widths) == want
