@@ -1,36 +1,37 @@
 """The Faust app: a per-user stage that forwards batches, and a per-IP stage that scores them.
 
-    <prefix>.clicks (key: user key) --user stage: validate, users table, buffer--> every N clicks / T s:
-        one record per by-ip partition --> <prefix>.by-ip --IP stage, per record: ips table, one Redis MGET,
-        one ONNX call--> <prefix>.decisions (a record per click) + <prefix>.feature-log (a record per batch);
-        malformed clicks -> <prefix>.dead-letters
+    <prefix>.clicks (key: user key) --user stage, a batch of clicks at a time: validate, users table-->
+        one record per by-ip partition --> <prefix>.by-ip --IP stage, a few records at a time: ips table,
+        one Redis MGET, one ONNX call--> <prefix>.decisions (a record per click) + <prefix>.feature-log
+        (a record per by-ip partition and batch); malformed clicks -> <prefix>.dead-letters
     a click whose message key is not its user key (a foreign producer) -> <prefix>.by-user (key: user key),
         which the user stage also consumes (it writes the users table only for keys its partition owns)
 
-Why this shape (issue 4: throughput). The worker's cost is per Kafka record far more than per byte, so the hot
-path moves as few records through Faust as it can:
+Why this shape (issue 4: throughput). The worker's cost was per Kafka record and per trip through Faust's and
+our code far more than per byte, so the hot path moves few records and works in batches:
 - Producers key clicks by user key (``Click.user_key``), so the clicks topic is already partitioned like the
   users table and the user stage reads it directly (no ingest hop).
-- The user stage handles clicks one event at a time (table state lives in the event's partition) over a
-  ``noack()`` stream and buffers them per by-ip partition; every ``score_batch_size`` clicks or
-  ``score_batch_within_s`` seconds it sends one by-ip record per partition, so the IP repartition (a key has one
-  owner) costs one Faust event per batch, not per click. Every click in a by-ip record hashes to the record's
-  partition, so the IP stage's table writes for the whole record belong to that partition, as they would one
-  click at a time (the hazard with table writes inside ``take()`` is writes landing in another key's
-  partition; here there is none).
-- Table writes go through ``TableWriter``: kept in memory until the stage's flush, then one RocksDB write batch
-  per partition and one changelog record per key written (the latest value), sent with the other records.
+- The user stage takes up to ``score_batch_size`` clicks or what arrived within ``score_batch_within_s``
+  (``take_events``), updates the users table click by click and sends one by-ip record per partition, so the IP
+  repartition (a key has one owner) costs one Faust event per batch and partition, not per click. The IP stage
+  takes a few by-ip records at a time and scores them together.
+- Table writes name their partition: ``TableWriter`` takes each click's own event partition (the user key's;
+  every click in a by-ip record hashes to the record's partition, ``ip_partition``), never Faust's current
+  event, so writes inside ``take_events`` cannot land in another key's partition (the hazard with table writes
+  inside ``take()``). Writes stay in memory until the batch is done, then go out as one RocksDB write batch
+  per partition and one changelog record per key (its latest state).
 - Records go into aiokafka batches (``stream/publish.py``): no per-record future.
 - ``stream/faust_fixes.py`` also skips Faust's four-task hand-off per fetched message when it cannot matter.
+- The worker's young-generation GC threshold is raised (``run_worker``).
 
-At-least-once: a user-stage event is acked only after its by-ip record and table changes were handed to the
-producer, strictly in offset order; an IP-stage event is acked (by Faust, when the next is taken) after its
-decisions, feature log and table changes were; Faust flushes the producer before it commits acked offsets
-(``stream/faust_fixes.py`` corrects which acked offsets it may commit), so no offset is committed before
-everything it caused is in Kafka. Redelivered clicks are recognised by their upstream position (see
-``_stage``), so a crash never double counts. Every stage has concurrency 1 (faust-streaming issue 606). The
-event loop is uvloop when installed, and the worker turns off Faust's terminal spinner, which set the root logger
-to DEBUG (a log record built per record sent).
+At-least-once: Faust acks a batch's events, in offset order, only after the batch's body handed everything they
+caused (by-ip records, decisions, feature log, table changes) to the producer, and it flushes the producer
+before it commits acked offsets (``stream/faust_fixes.py`` corrects which acked offsets it may commit), so no
+offset is committed before everything it caused is in Kafka. Redelivered clicks are recognised by their
+upstream position (see ``_stage``), so a crash never double counts, and their keys' states are written again,
+so a changelog left behind the local store by a crash catches up. Every stage has concurrency 1
+(faust-streaming issue 606). The event loop is uvloop when installed, and the worker turns off Faust's terminal
+spinner, which set the root logger to DEBUG (a log record built per record sent).
 """
 
 from __future__ import annotations
