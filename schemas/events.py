@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from typing import Annotated, Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, Protocol, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
@@ -67,21 +67,28 @@ def _is_ip(s: str) -> bool:
     return True
 
 
-class ClickKeys:
-    """What a click is counted under: shared by ``Click`` and the worker's light view of a validated click."""
+class _KeyFields(Protocol):
+    @property
+    def customer_id(self) -> str | None: ...
+    @property
+    def session_id(self) -> str: ...
+    @property
+    def platform(self) -> str: ...
+    @property
+    def logged_in(self) -> bool: ...
 
-    customer_id: str | None
-    session_id: str
-    platform: str
-    logged_in: bool
+
+class ClickKeys:
+    """What a click is counted under: shared by ``Click`` and the worker's light view of a validated click.
+    (No annotations here: pydantic would take them for fields and reorder ``Click``'s wire JSON.)"""
 
     @property
-    def user_key(self) -> str:
+    def user_key(self: _KeyFields) -> str:
         """The entity whose click rate we count: the customer when logged in, else the session/visitor."""
         return f"c:{self.customer_id}" if self.customer_id is not None else f"s:{self.session_id}"
 
     @property
-    def slice(self) -> str:
+    def slice(self: _KeyFields) -> str:
         return slice_of(self.platform, self.logged_in)
 
 
