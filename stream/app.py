@@ -170,10 +170,18 @@ class TableWriter:
         it = self.store._db_for_partition(partition).iter()
         start = self.cursor.pop(partition, None)
         it.seek(start) if start is not None else it.seek_to_first()
+        wrapped = start is None
         for _ in range(visit):
-            if not it.valid():
-                return  # the end: the next sweep starts over
+            if not it.valid():  # the end of the partition: go on from its start, once
+                if wrapped:
+                    return
+                wrapped = True
+                it.seek_to_first()
+                continue
             k = it.key()
+            if wrapped and start is not None and k >= start:
+                self.cursor[partition] = k  # a whole round: the next sweep goes on from here
+                return
             if not k.startswith(b"__faust"):  # Faust's own bookkeeping (the persisted changelog offset)
                 v = self.pending.get((partition, k), _MISSING)
                 hi = _state_hi(it.value()) if v is _MISSING else (None if v is None else v["hi"])  # type: ignore[index]

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+
 import orjson
+import rocksdict
 
 from schemas.events import Click
 from stream import features as F
-from stream.app import ClickView, _state_hi, feature_log_record, ip_partition, read_feature_log
+from stream.app import ClickView, TableWriter, _state_hi, feature_log_record, ip_partition, read_feature_log
+from stream.publish import Publisher
 from stream.synth import T0
 from tests.stream.helpers import click, traffic
 
@@ -46,3 +52,48 @@ def test_feature_log_record_round_trips() -> None:
     assert [r["features"] for r in back] == rows and [r["score"] for r in back] == [0.1, 0.2, 0.3]
     assert {r["model_version"] for r in back} == {"v9"} and back[0]["feature_spec_hash"] == F.FEATURE_SPEC_HASH
     assert [r["ts"] for r in back] == [c.ts for c in cs]
+
+
+def _writer(tmp_path: Path) -> tuple[TableWriter, dict[int, rocksdict.Rdict]]:
+    """A TableWriter over real RocksDB databases (one per partition), as Faust's store would hold them."""
+    dbs: dict[int, rocksdict.Rdict] = {}
+
+    def db_for(p: int) -> rocksdict.Rdict:
+        if p not in dbs:
+            dbs[p] = rocksdict.Rdict(str(tmp_path / f"p{p}"), options=rocksdict.Options(raw_mode=True))
+        return dbs[p]
+
+    store = SimpleNamespace(_db_for_partition=db_for, set_persisted_offset=lambda tp, o: None)
+    table = SimpleNamespace(data=store, changelog_topic=SimpleNamespace(get_topic_name=lambda: "t-changelog"))
+    return TableWriter(table), dbs
+
+
+def test_sweep_deletes_idle_keys_going_round_the_partition(tmp_path: Path) -> None:
+    async def main() -> None:
+        from aiokafka import AIOKafkaProducer
+
+        cl, dbs = _writer(tmp_path)
+        now = T0 + 10 * F.DAY_MS
+        idle = {f"k{i:02d}".encode() for i in range(0, 40, 3)}
+        for i in range(40):  # every third key idle for longer than TTL + grace
+            st, _ = F.update_user(None, click(i, now - (F.TTL_MS + F.EXPIRY_GRACE_MS + 1 if i % 3 == 0 else 5)))
+            cl.put(0, f"k{i:02d}".encode(), st)
+        prod = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
+        pub = Publisher(lambda: prod, lambda topic: 1)
+        cl.write(pub)
+        assert len(list(dbs[0].keys())) == 40 and pub._open  # written, with changelog records
+        cl.sweep(0, T0, 35)  # an earlier clock: nothing idle yet; the next sweep starts at the 36th key
+        assert not cl.pending
+        cl.sweep(0, now, 40)  # k35..k39, then round from the start to k34: the whole partition
+        assert {k for (_, k), v in cl.pending.items() if v is None} == idle
+        assert cl.get(0, next(iter(idle))) is None  # a pending delete reads as absent
+        pub = Publisher(lambda: prod, lambda topic: 1)
+        cl.write(pub)
+        assert set(dbs[0].keys()) == {f"k{i:02d}".encode() for i in range(40)} - idle
+        (batch,) = pub._open.values()
+        assert batch.record_count() == len(idle)  # one tombstone per deleted key
+        cl.sweep(0, now, 1000)  # nothing left to delete; a budget larger than the partition stops after a round
+        assert not cl.pending
+        await prod.stop()
+
+    asyncio.run(main())

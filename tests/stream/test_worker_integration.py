@@ -210,7 +210,7 @@ def _changelog_latest(kenv: Any, table: str) -> dict[bytes, bytes | None]:
 def test_idle_keys_are_deleted_once_event_time_passes_their_ttl(kenv: Any) -> None:
     """Users and IPs idle for longer than TTL + grace (event time) are deleted online: a tombstone in the
     changelog (the local store deletes them in the same write batch); keys still in use stay."""
-    s = kenv.settings.model_copy(update={"sweep_keys_per_click": 1.0})  # a whole sweep within the test's clicks
+    s = kenv.settings.model_copy(update={"sweep_keys_per_click": 2.0})  # whole rounds within the test's clicks
     toymodel.build_registry(s.registry_path, version="toy-it")
     old = traffic(1500, seed=3)  # about 75 s of traffic from T0
     later = old[-1].ts + F.TTL_MS + F.EXPIRY_GRACE_MS + 60_000
