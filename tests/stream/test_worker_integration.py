@@ -233,3 +233,35 @@ def test_idle_keys_are_deleted_once_event_time_passes_their_ttl(kenv: Any) -> No
         assert old_keys and all(k in latest for k in old_keys)
         assert [k for k in old_keys if latest[k] is not None] == [], f"{table}: idle keys not deleted"
         assert all(latest.get(k) is not None for k in new_keys), f"{table}: a live key was deleted"
+
+
+def test_a_worker_joining_mid_traffic_loses_and_double_counts_nothing(kenv: Any) -> None:
+    """A rebalance while clicks flow: every click is decided (at least once: a click in flight at the
+    rebalance may be decided by both workers) and the users table's counters equal an uninterrupted run."""
+    clicks, _ = _setup(kenv)
+    ws = [K.start_worker(kenv.settings, kenv.workdir / "w0", kenv.workdir / "w0.log")]
+    try:
+        time.sleep(5)  # the first worker owns every partition
+
+        joined_at: list[float] = []
+
+        async def paced() -> None:
+            for i in range(0, len(clicks), 500):  # about 1,500 clicks/s
+                await K.produce(kenv.settings, kenv.topics.clicks, clicks[i:i + 500])
+                await asyncio.sleep(0.3)
+                if i == 3000:  # a second worker joins: partitions move while clicks flow
+                    ws.append(K.start_worker(kenv.settings, kenv.workdir / "w1", kenv.workdir / "w1.log"))
+                    joined_at.append(time.monotonic())
+
+        asyncio.run(paced())
+        # it starts and joins in a few seconds; the clicks went on for longer than that after it started
+        assert N_CLICKS < 20_000 or time.monotonic() - joined_at[0] > 8
+        rec = asyncio.run(K.read_until(kenv.settings, [kenv.topics.decisions],
+                                       lambda r: len({m.key for m in r[kenv.topics.decisions]}) >= N_CLICKS, 240))
+    finally:
+        for w in ws:
+            K.stop(w)
+    assert len(ws) == 2
+    assert any((kenv.workdir / "w1").rglob("*.log")), "the second worker never took partitions"
+    assert {m.key.decode() for m in rec[kenv.topics.decisions]} == {c.click_id for c in clicks}
+    assert _table_snapshot(kenv) == _offline_users(clicks)
