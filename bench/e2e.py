@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +58,36 @@ def stop_worker(p: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
+
+
+@contextmanager
+def bench_topics(tag: str) -> Iterator[tuple[Settings, Topics, Path]]:
+    """A temporary folder, settings with a unique topic prefix, and the worker's topics (deleted afterwards)."""
+    from stream.app import ensure_topics
+
+    with tempfile.TemporaryDirectory() as tmpd:
+        tmp = Path(tmpd)
+        s = bench_settings(tag, tmp)
+        try:
+            asyncio.run(ensure_topics(s))
+            yield s, Topics(s.topic_prefix), tmp
+        finally:
+            asyncio.run(drop_topics(s))
+
+
+@contextmanager
+def running_worker(s: Settings, tmp: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``slidr worker`` (toy model) as a child process for the block's length."""
+    w = start_worker(s, tmp)
+    try:
+        yield w
+    finally:
+        stop_worker(w)
+
+
+def keyed(clicks: list[Any]) -> list[tuple[bytes, bytes]]:
+    """(user key, wire bytes) pairs, as producers send clicks."""
+    return [(c.user_key.encode(), c.to_json()) for c in clicks]
 
 
 async def produce(s: Settings, topic: str, payloads: list[tuple[bytes, bytes]], rate: float | None = None) -> float:
@@ -152,31 +184,20 @@ async def drop_topics(s: Settings) -> None:
 def run(n: int = 100_000, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
     from slidr.services import create_topics_async
     from slidr.topics import TopicSpec
-    from stream.app import ensure_topics
     from stream.synth import traffic
 
-    with tempfile.TemporaryDirectory() as tmpd:
-        tmp = Path(tmpd)
-        s = bench_settings("e2e", tmp)
-        t = Topics(s.topic_prefix)
-        try:
-            asyncio.run(ensure_topics(s))
-            asyncio.run(create_topics_async(s, [TopicSpec(f"{s.topic_prefix}.passthrough", s.partitions, "")]))
-            clicks = traffic(n, seed=7)
-            asyncio.run(produce(s, t.clicks, [(c.user_key.encode(), c.to_json()) for c in clicks]))
-            ceiling_s = asyncio.run(passthrough(s, t.clicks, f"{s.topic_prefix}.passthrough", n))
-            bare = faust_bare(s, t.clicks, n, timeout_s)
-            stock = faust_bare(s, t.clicks, n, timeout_s, stock=True)
-            w = start_worker(s, tmp)
-            try:
-                msgs = asyncio.run(consume_count(s, t.decisions, n, timeout_s))
-            finally:
-                stop_worker(w)
-            decided = len({m.key for m in msgs})
-            ts = sorted(m.timestamp for m in msgs)  # producer CreateTime of each decision, ms
-            span_s = max((ts[-1] - ts[0]) / 1000.0, 1e-3) if ts else float("nan")
-        finally:
-            asyncio.run(drop_topics(s))
+    with bench_topics("e2e") as (s, t, tmp):
+        asyncio.run(create_topics_async(s, [TopicSpec(f"{s.topic_prefix}.passthrough", s.partitions, "")]))
+        clicks = traffic(n, seed=7)
+        asyncio.run(produce(s, t.clicks, keyed(clicks)))
+        ceiling_s = asyncio.run(passthrough(s, t.clicks, f"{s.topic_prefix}.passthrough", n))
+        bare = faust_bare(s, t.clicks, n, timeout_s)
+        stock = faust_bare(s, t.clicks, n, timeout_s, stock=True)
+        with running_worker(s, tmp):
+            msgs = asyncio.run(consume_count(s, t.decisions, n, timeout_s))
+        decided = len({m.key for m in msgs})
+        ts = sorted(m.timestamp for m in msgs)  # producer CreateTime of each decision, ms
+        span_s = max((ts[-1] - ts[0]) / 1000.0, 1e-3) if ts else float("nan")
     if not decided:
         raise RuntimeError("the worker decided nothing (see its log: run with a smaller n to debug)")
     worker_rate = decided / span_s

@@ -9,15 +9,12 @@ latency grows with the backlog: ``achieved_decisions_per_s`` says so. ``slidr be
 from __future__ import annotations
 
 import asyncio
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from bench.e2e import bench_settings, consume_count, drop_topics, produce, start_worker, stop_worker
-from slidr.topics import Topics
+from bench.e2e import bench_topics, consume_count, keyed, produce, running_worker
 
 
 async def _send_timed(s: Any, topic: str, clicks: list[Any], rate: float) -> dict[bytes, int]:
@@ -45,28 +42,16 @@ async def _send_timed(s: Any, topic: str, clicks: list[Any], rate: float) -> dic
 
 
 def run(rate: float = 5000.0, seconds: float = 10.0, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
-    from stream.app import ensure_topics
     from stream.synth import traffic
 
     n = int(rate * seconds)
-    with tempfile.TemporaryDirectory() as tmpd:
-        tmp = Path(tmpd)
-        s = bench_settings("lat", tmp)
-        t = Topics(s.topic_prefix)
-        try:
-            asyncio.run(ensure_topics(s))
-            w = start_worker(s, tmp)
-            try:
-                warm = traffic(500, seed=99)
-                asyncio.run(produce(s, t.clicks, [(c.user_key.encode(), c.to_json()) for c in warm]))
-                asyncio.run(consume_count(s, t.decisions, len(warm), timeout_s))  # worker up and warm
-                clicks = [c.model_copy(update={"click_id": f"L{c.click_id}"}) for c in traffic(n, seed=5)]
-                sent = asyncio.run(_send_timed(s, t.clicks, clicks, rate))
-                msgs = asyncio.run(consume_count(s, t.decisions, n + len(warm), timeout_s))
-            finally:
-                stop_worker(w)
-        finally:
-            asyncio.run(drop_topics(s))
+    with bench_topics("lat") as (s, t, tmp), running_worker(s, tmp):
+        warm = traffic(500, seed=99)
+        asyncio.run(produce(s, t.clicks, keyed(warm)))
+        asyncio.run(consume_count(s, t.decisions, len(warm), timeout_s))  # worker up and warm
+        clicks = [c.model_copy(update={"click_id": f"L{c.click_id}"}) for c in traffic(n, seed=5)]
+        sent = asyncio.run(_send_timed(s, t.clicks, clicks, rate))
+        msgs = asyncio.run(consume_count(s, t.decisions, n + len(warm), timeout_s))
     first: dict[bytes, int] = {}
     for m in msgs:
         if m.key in sent and m.key not in first:

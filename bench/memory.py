@@ -29,13 +29,10 @@ def _worker_growth(keys: int, timeout_s: float = 600.0) -> dict[str, Any]:
     """RSS and state-folder growth of a real worker per 100k new user keys, then per 100k new IPs."""
     import asyncio
     import subprocess
-    import tempfile
     import time
     from pathlib import Path
 
-    from bench.e2e import bench_settings, consume_count, drop_topics, produce, start_worker, stop_worker
-    from slidr.topics import Topics
-    from stream.app import ensure_topics
+    from bench.e2e import bench_topics, consume_count, keyed, produce, running_worker
     from stream.synth import traffic
 
     def rss(pid: int) -> int:
@@ -46,36 +43,25 @@ def _worker_growth(keys: int, timeout_s: float = 600.0) -> dict[str, Any]:
         return int(subprocess.run(["du", "-sb", str(path)], capture_output=True, text=True).stdout.split()[0])
 
     out: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory() as tmpd:
-        tmp = Path(tmpd)
-        s = bench_settings("mem", tmp)
-        t = Topics(s.topic_prefix)
-        warm = traffic(20_000, seed=3)  # 300 users, 60 IPs: past start-up allocations, caches and buffers
-        new_users = [click(10**6 + i, warm[-1].ts + 1000 + i, ip="10.250.0.1", session=f"mem-user-{i}")
-                     for i in range(keys)]
-        new_ips = [click(2 * 10**6 + i, new_users[-1].ts + 1000 + i, session=f"mem-s{i % 50}",
-                         ip=f"11.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") for i in range(keys)]
-        try:
-            asyncio.run(ensure_topics(s))
-            w = start_worker(s, tmp)
-            try:
-                decided, prev = 0, (0, 0)
-                for name, batch in (("warm-up", warm), ("users", new_users), ("ips", new_ips)):
-                    asyncio.run(produce(s, t.clicks, [(c.user_key.encode(), c.to_json()) for c in batch]))
-                    decided += len(batch)
-                    if len({m.key for m in asyncio.run(consume_count(s, t.decisions, decided, timeout_s))}) < decided:
-                        raise RuntimeError(f"the worker did not decide all {name} clicks in {timeout_s} s")
-                    time.sleep(3)  # the last flushes and changelog acknowledgements
-                    r, d = rss(w.pid), disk(s.home / "faust")
-                    if name != "warm-up":
-                        out[f"worker_{name}_rss_mib_per_100k"] = round((r - prev[0]) / 2**20 * 100_000 / keys, 1)
-                        out[f"worker_{name}_disk_mib_per_100k"] = round((d - prev[1]) / 2**20 * 100_000 / keys, 1)
-                    prev = (r, d)
-                out["worker_rss_mib_end"] = round(prev[0] / 2**20, 1)
-            finally:
-                stop_worker(w)
-        finally:
-            asyncio.run(drop_topics(s))
+    warm = traffic(20_000, seed=3)  # 300 users, 60 IPs: past start-up allocations, caches and buffers
+    new_users = [click(10**6 + i, warm[-1].ts + 1000 + i, ip="10.250.0.1", session=f"mem-user-{i}")
+                 for i in range(keys)]
+    new_ips = [click(2 * 10**6 + i, new_users[-1].ts + 1000 + i, session=f"mem-s{i % 50}",
+                     ip=f"11.{i >> 16 & 255}.{i >> 8 & 255}.{i & 255}") for i in range(keys)]
+    with bench_topics("mem") as (s, t, tmp), running_worker(s, tmp) as w:
+        decided, prev = 0, (0, 0)
+        for name, batch in (("warm-up", warm), ("users", new_users), ("ips", new_ips)):
+            asyncio.run(produce(s, t.clicks, keyed(batch)))
+            decided += len(batch)
+            if len({m.key for m in asyncio.run(consume_count(s, t.decisions, decided, timeout_s))}) < decided:
+                raise RuntimeError(f"the worker did not decide all {name} clicks in {timeout_s} s")
+            time.sleep(3)  # the last flushes and changelog acknowledgements
+            r, d = rss(w.pid), disk(s.home / "faust")
+            if name != "warm-up":
+                out[f"worker_{name}_rss_mib_per_100k"] = round((r - prev[0]) / 2**20 * 100_000 / keys, 1)
+                out[f"worker_{name}_disk_mib_per_100k"] = round((d - prev[1]) / 2**20 * 100_000 / keys, 1)
+            prev = (r, d)
+        out["worker_rss_mib_end"] = round(prev[0] / 2**20, 1)
     return out
 
 

@@ -44,6 +44,7 @@ import math
 import time
 import zlib
 from collections import Counter
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -105,10 +106,6 @@ class ClickView(SimpleNamespace, ClickKeys):
 _CLICK_DEFAULTS = {k: f.default for k, f in Click.model_fields.items() if not f.is_required()}
 
 
-def _view(d: dict[str, Any]) -> Any:
-    return ClickView(d)
-
-
 def _src(event: Any) -> tuple[int, int]:
     """Position of a click read from the clicks topic: the user stage's dedupe key (via the message header)."""
     h = dict(event.headers or {}).get("src")
@@ -150,7 +147,6 @@ class TableWriter:
         self.topic: str = table.changelog_topic.get_topic_name()
         self.pending: dict[tuple[int, bytes], F.State | None] = {}
         self.cursor: dict[int, bytes] = {}  # partition -> the key the next sweep starts at
-        self.swept = 0  # keys deleted so far
 
     def get(self, partition: int, key: bytes) -> F.State | None:
         v = self.pending.get((partition, key), _MISSING)
@@ -185,9 +181,8 @@ class TableWriter:
             if not k.startswith(b"__faust"):  # Faust's own bookkeeping (the persisted changelog offset)
                 v = self.pending.get((partition, k), _MISSING)
                 hi = _state_hi(it.value()) if v is _MISSING else (None if v is None else v["hi"])  # type: ignore[index]
-                if hi is not None and F.is_expired({"hi": hi}, now_ms):
+                if hi is not None and F.is_expired(hi, now_ms):
                     self.put(partition, k, None)
-                    self.swept += 1
             it.next()
         if it.valid():
             self.cursor[partition] = it.key()
@@ -199,12 +194,13 @@ class TableWriter:
             wb = batches.get(p)
             if wb is None:
                 wb = batches[p] = rocksdict.WriteBatch(raw_mode=True)
-            v = None if st is None else orjson.dumps(st)
-            if v is None:
+            if st is None:
                 wb.delete(k)
+                pub.add(self.topic, k, None, partition=p)
             else:
+                v = orjson.dumps(st)
                 wb.put(k, v)
-            pub.add(self.topic, k, v, partition=p)
+                pub.add(self.topic, k, v, partition=p)
         for p, wb in batches.items():
             self.store._db_for_partition(p).write(wb)
 
@@ -218,7 +214,7 @@ class TableWriter:
             self.store.set_persisted_offset(TP(self.topic, partition), fut.result().offset + n - 1)
 
 
-def _stage(cl: TableWriter, partition: int, key: bytes, c: Click, own: int, src: tuple[int, int],
+def _stage(cl: TableWriter, partition: int, key: bytes, c: F.ClickLike, own: int, src: tuple[int, int],
            update: Any, read: Any) -> list[float] | None:
     """One per-key table stage with at-least-once redelivery handled exactly.
 
@@ -238,7 +234,7 @@ def _stage(cl: TableWriter, partition: int, key: bytes, c: Click, own: int, src:
     return feats
 
 
-def _direct(cl: TableWriter, partition: int, key: bytes, c: Click, src: tuple[int, int]) -> list[float]:
+def _direct(cl: TableWriter, partition: int, key: bytes, c: F.ClickLike, src: tuple[int, int]) -> list[float]:
     """The user stage for a click read from the clicks topic itself (``src``: its position there)."""
     st = cl.get(partition, key)
     if st is not None and F.is_duplicate(st, src):
@@ -299,7 +295,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     ips = app.Table(IPS_TABLE, default=None, partitions=s.partitions, key_type=bytes, value_type=bytes)
     users_cl, ips_cl = TableWriter(users), TableWriter(ips)
     redis_prefix = s.redis_key_prefix + ":"
-    state: dict[str, Any] = {"redis": None, "decided": 0, "dead": 0, "tables": (users_cl, ips_cl)}
+    state: dict[str, Any] = {"redis": None, "decided": 0, "dead": 0}
     app.slidr_state = state  # type: ignore[attr-defined]  # counters for logs / tests
 
     def producer() -> Any:
@@ -323,7 +319,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         msg = event.message
         raw: bytes = event.value
         if msg.topic == by_user_name:  # forwarded below: validated already, src in its header
-            c = _view(orjson.loads(raw))
+            c: Any = ClickView(orjson.loads(raw))
             sp, so = _src(event)  # its clicks position, tagged apart from the direct clicks'
             out = _stage(users_cl, msg.partition, event.key, c, msg.offset, (FORWARDED + sp, so),
                          F.update_user, F.user_features)
@@ -367,7 +363,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
 
     ip_out = Publisher(producer, lambda topic: s.partitions)
 
-    async def score_and_send(todo: list[tuple[int, Click, Any, list[float]]]) -> None:
+    async def score_and_send(todo: list[tuple[int, F.ClickLike, Any, list[float]]]) -> None:
         """Profiles (one Redis MGET), one ONNX call, a decision per click and a feature-log record per by-ip
         partition. ``todo``: (by-ip partition, click, forwarded record, IP features)."""
         if state["redis"] is None:
@@ -387,14 +383,16 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         decisions = decision_dicts(model, cs, scores, decided_at=int(time.time() * 1000))
         for c, d in zip(cs, decisions, strict=True):
             ip_out.add(t.decisions, c.click_id.encode(), orjson.dumps(d))
-        for p in sorted({p for p, _, _, _ in todo}):
-            js = [j for j, item in enumerate(todo) if item[0] == p]
+        by_partition: dict[int, list[int]] = {}
+        for j, (p, _, _, _) in enumerate(todo):
+            by_partition.setdefault(p, []).append(j)
+        for p, js in by_partition.items():
             ip_out.add(t.feature_log, None, feature_log_record(
                 model.version, [cs[j] for j in js], [rows[j] for j in js], [decisions[j]["score"] for j in js]),
                 partition=p)
         state["decided"] += len(todo)
 
-    def ip_event(event: Any, todo: list[tuple[int, Click, Any, list[float]]]) -> None:
+    def ip_event(event: Any, todo: list[tuple[int, F.ClickLike, Any, list[float]]]) -> None:
         """One by-ip record (the clicks of one user-stage flush bound for its partition): update the ips table
         click by click and add the clicks to score."""
         msg = event.message
@@ -402,7 +400,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         base = msg.offset * BATCH_MAX
         n = 0
         for i, rec in enumerate(orjson.loads(event.value)):
-            c = _view(rec["c"])
+            c = ClickView(rec["c"])
             src = (rec["p"][0], rec["p"][1])
             out = _stage(ips_cl, p, c.ip.encode(), c, base + i, src, F.update_ip, F.ip_features)
             if out is not None:  # a copy (None) has nothing to decide
@@ -417,7 +415,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         # A few by-ip records at a time (whatever arrived within a few ms): one scoring batch, one flush. Faust
         # acks the records, in order, after this body hands everything they caused to the producer.
         async for events in stream.take_events(IP_RECORDS_PER_BATCH, within=IP_BATCH_WITHIN_S):
-            todo: list[tuple[int, Click, Any, list[float]]] = []
+            todo: list[tuple[int, F.ClickLike, Any, list[float]]] = []
             for event in events:
                 ip_event(event, todo)
             if todo:
@@ -434,7 +432,7 @@ def ip_partition(ip: str, partitions: int) -> int:
     return zlib.crc32(ip.encode()) % partitions
 
 
-def feature_log_record(model_version: str, clicks: list[Click], rows: list[list[float]],
+def feature_log_record(model_version: str, clicks: Sequence[F.ClickLike], rows: list[list[float]],
                        scores: list[float]) -> bytes:
     """One feature-log record: the clicks scored in one batch, their feature rows and scores (docs/design.md)."""
     return orjson.dumps({"model_version": model_version, "feature_spec_hash": F.FEATURE_SPEC_HASH,

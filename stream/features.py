@@ -169,9 +169,10 @@ def _fresh(state: State | None, ts: int) -> bool:
     return state is None or ts - state["hi"] > TTL_MS
 
 
-def is_expired(state: State, now_ms: int) -> bool:
-    """Whether the stream may delete this key: idle for longer than TTL + grace of event time."""
-    return now_ms - int(state["hi"]) > TTL_MS + EXPIRY_GRACE_MS
+def is_expired(hi_ms: int, now_ms: int) -> bool:
+    """Whether the stream may delete a key whose newest event time (its state's ``"hi"``) is ``hi_ms``: idle for
+    longer than TTL + grace of event time."""
+    return now_ms - int(hi_ms) > TTL_MS + EXPIRY_GRACE_MS
 
 
 # --- per user key -----------------------------------------------------------------------------------------

@@ -49,9 +49,6 @@ class Publisher:
             if b.append(key=key, value=value, timestamp=None) is None:
                 raise ValueError(f"a record of {len(value or b'')} bytes does not fit in one producer batch")
 
-    def __len__(self) -> int:
-        return len(self._open) + len(self._full)
-
     async def flush(self) -> list[tuple[str, int, int, Any]]:
         """Submit every batch; return (topic, partition, record count, future of the batch's base offset)."""
         batches = self._full + list(self._open.items())

@@ -63,9 +63,9 @@ def test_24h_window_and_expiry() -> None:
     # more than the TTL later: a fresh state (first-click gap again)
     st2, f = F.update_user(st_, click(9, ts[-1] + F.TTL_MS + 1))
     assert f[:5] == [1, 1, 1, 1, F.GAP_CAP_S]
-    assert not F.is_expired(st2, ts[-1] + F.TTL_MS + 1)
-    assert not F.is_expired(st2, ts[-1] + 1 + 2 * F.TTL_MS + F.EXPIRY_GRACE_MS)
-    assert F.is_expired(st2, ts[-1] + 2 + 2 * F.TTL_MS + F.EXPIRY_GRACE_MS)
+    assert not F.is_expired(st2["hi"], ts[-1] + F.TTL_MS + 1)
+    assert not F.is_expired(st2["hi"], ts[-1] + 1 + 2 * F.TTL_MS + F.EXPIRY_GRACE_MS)
+    assert F.is_expired(st2["hi"], ts[-1] + 2 + 2 * F.TTL_MS + F.EXPIRY_GRACE_MS)
 
 
 def test_late_click_lands_in_its_own_bucket() -> None:
