@@ -18,7 +18,7 @@ from models.config import TrainConfig
 from models.labels import TEST, VAL
 from models.metrics import ivr_at_fpr, rates, row_thresholds
 from models.pipeline import load_training_data
-from tests.conftest import TALKINGDATA_CSV
+from tests.conftest import TALKINGDATA_CSV, needs_shared
 
 pytestmark = pytest.mark.train
 TALKINGDATA = TALKINGDATA_CSV
@@ -114,6 +114,7 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
     assert "## Baselines" in text and "(curves.png)" in text and (tmp_path / "rep" / "curves.png").stat().st_size
 
 
+@needs_shared(TALKINGDATA_CSV)
 def test_talkingdata_trains_calibrates_reports(tmp_path: Path) -> None:
     from models.data.talkingdata import import_talkingdata
     from models.pipeline import build_model
