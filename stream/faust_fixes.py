@@ -15,8 +15,12 @@ Faust acks some events itself even on ``noack()`` and ``take()`` streams (values
 so a later offset can be acked while an earlier event still waits in the scoring buffer for its decision.
 With either flaw, that later offset is committed, and a crash then loses the earlier click (seen once: 19,999
 of 20,000 clicks decided after a SIGKILL). The replacement below commits only a run of acked offsets that
-starts at the committed offset or, when there is none, at the lowest offset delivered to the streams since
-the partitions were last assigned; anything else waits.
+starts at the committed offset or, when there is none, at the lowest offset fetched since the partitions
+were last assigned (seek); anything else waits. The first fetched offset is recorded where the consumer takes
+each fetch (``_wait_next_records``, once per fetch, not per message): ``Consumer.track_message`` would be the
+natural hook, but Faust's ``Stream`` inlines it and never calls it (a version of this fix that hooked it never
+committed anything on a new group; ``tests/stream/test_faust_fixes.py`` now checks commits through a real
+stream and broker).
 
 2. Delivery. ``Consumer._drain_messages`` hands every fetched message to the conductor through
 ``self.wait_first(callback(message), self.suspend_flow.wait())``: four asyncio tasks and an ``asyncio.wait`` per
@@ -38,15 +42,19 @@ from faust.utils.functional import consecutive_numbers
 from mode import Service
 from mode.services import WaitResults
 
-_FIRST = "_slidr_first_delivered"  # TP -> lowest offset delivered to the streams since the last seek
+_FIRST = "_slidr_first_fetched"  # TP -> lowest offset fetched since the last seek
 
 
-def _track_message(self: Any, message: Any) -> None:
-    first: dict[Any, int] = self.__dict__.setdefault(_FIRST, {})
-    tp, offset = message.tp, message.offset
-    if tp not in first or offset < first[tp]:
-        first[tp] = offset
-    _orig_track_message(self, message)
+async def _wait_next_records(self: Any, timeout: float) -> Any:
+    records, active = await _orig_wait_next_records(self, timeout)
+    if records:
+        first: dict[Any, int] = self.__dict__.setdefault(_FIRST, {})
+        for tp, recs in records.items():
+            if recs:
+                o = recs[0].offset  # a fetch is in offset order
+                if tp not in first or o < first[tp]:
+                    first[tp] = o
+    return records, active
 
 
 async def _perform_seek(self: Any) -> None:
@@ -70,7 +78,7 @@ def _new_offset(self: Any, tp: Any) -> int | None:
     if start is None:
         start = self.__dict__.get(_FIRST, {}).get(tp)
         if start is None:
-            return None  # nothing delivered since the seek: nothing is safe to commit
+            return None  # nothing fetched since the seek: nothing is safe to commit
     if acked[0] > start:
         return None  # the next offset to commit has not been acked yet
     batch = next(consecutive_numbers(acked))
@@ -107,7 +115,7 @@ async def _wait_first(self: Any, *coros: Any, timeout: Any = None) -> Any:
     return await Service.wait_first(self, *coros, timeout=timeout)
 
 
-_orig_track_message = Consumer.track_message
+_orig_wait_next_records = Consumer._wait_next_records
 _orig_perform_seek = Consumer.perform_seek
 
 
@@ -115,7 +123,7 @@ def install() -> None:
     """Patch faust's base Consumer (every transport's consumer inherits these methods). Idempotent."""
     if getattr(Consumer, "_slidr_fixed", False):
         return
-    Consumer.track_message = _track_message  # type: ignore[method-assign]
+    Consumer._wait_next_records = _wait_next_records  # type: ignore[method-assign]
     Consumer.perform_seek = _perform_seek  # type: ignore[method-assign]
     Consumer._new_offset = _new_offset  # type: ignore[method-assign]
     Consumer.wait_first = _wait_first  # type: ignore[method-assign]

@@ -106,3 +106,57 @@ async def read_partitions(s: Settings, topic: str, timeout_s: float = 5.0) -> di
         return out
     finally:
         await c.stop()
+
+
+async def committed_offsets(s: Settings, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of ``topic`` (partitions without one left out): the admin API."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**s.kafka_client_kwargs())
+    await admin.start()
+    try:
+        got = await admin.list_consumer_group_offsets(group)
+        return {tp.partition: meta.offset for tp, meta in got.items() if tp.topic == topic and meta.offset >= 0}
+    finally:
+        await admin.close()
+
+
+async def end_offsets(s: Settings, topic: str) -> dict[int, int]:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **s.kafka_client_kwargs())
+    await c.start()
+    try:
+        ends = await c.end_offsets([TopicPartition(topic, p) for p in range(s.partitions)])
+        return {tp.partition: o for tp, o in ends.items()}
+    finally:
+        await c.stop()
+
+
+def wait_committed(s: Settings, group: str, topic: str, timeout_s: float,
+                   alive: Callable[[], bool] = lambda: True) -> tuple[dict[int, int], dict[int, int]]:
+    """Poll until the group has committed the end of every partition of ``topic`` (or the timeout, or ``alive()``
+    turns false); return (committed, end offsets) as last seen."""
+    ends = asyncio.run(end_offsets(s, topic))
+    want = {p: o for p, o in ends.items() if o > 0}
+    t_end = time.monotonic() + timeout_s
+    got: dict[int, int] = {}
+    while time.monotonic() < t_end and alive():
+        got = asyncio.run(committed_offsets(s, group, topic))
+        if all(got.get(p) == o for p, o in want.items()):
+            break
+        time.sleep(0.5)
+    return got, want
+
+
+async def produce_raw(s: Settings, topic: str, records: Iterable[tuple[bytes | None, bytes]]) -> None:
+    """Send (key, value) records as they are."""
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(linger_ms=5, max_batch_size=256 * 1024, **s.kafka_client_kwargs())
+    await p.start()
+    try:
+        futs = [await p.send(topic, key=k, value=v) for k, v in records]
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()

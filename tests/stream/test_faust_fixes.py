@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from types import SimpleNamespace
 from typing import Any, NamedTuple
 
+import pytest
 from intervaltree import IntervalTree
 
 from stream import faust_fixes
@@ -36,8 +38,15 @@ def ack(c: Any, *offsets: int) -> None:
 
 
 def deliver(c: Any, *offsets: int) -> None:
-    for o in offsets:
-        Consumer.track_message(c, Msg(TP, o))
+    """One fetch of these offsets, through the consumer's patched ``_wait_next_records`` (broker answer faked)."""
+    async def fetched(self: Any, timeout: float) -> Any:
+        return {TP: [Msg(TP, o) for o in offsets]}, None
+
+    orig, faust_fixes._orig_wait_next_records = faust_fixes._orig_wait_next_records, fetched
+    try:
+        asyncio.run(Consumer._wait_next_records(c, 1.0))
+    finally:
+        faust_fixes._orig_wait_next_records = orig
 
 
 def test_a_single_unacked_head_offset_is_never_committed_past() -> None:
@@ -48,7 +57,7 @@ def test_a_single_unacked_head_offset_is_never_committed_past() -> None:
     assert Consumer._new_offset(c, TP) == 104
 
 
-def test_without_a_committed_offset_commits_start_at_the_first_delivered() -> None:
+def test_without_a_committed_offset_commits_start_at_the_first_fetched() -> None:
     c = consumer(committed=None)
     deliver(c, 5, 6, 7, 8)
     ack(c, 7, 8)  # 5 and 6 not acked yet (faust 0.15.3 would commit 9 here)
@@ -58,7 +67,7 @@ def test_without_a_committed_offset_commits_start_at_the_first_delivered() -> No
     assert c._acked[TP] == [7, 8]
 
 
-def test_nothing_delivered_and_no_commit_means_nothing_to_commit() -> None:
+def test_nothing_fetched_and_no_commit_means_nothing_to_commit() -> None:
     c = consumer(committed=None)
     ack(c, 3)
     assert Consumer._new_offset(c, TP) is None
@@ -71,10 +80,9 @@ def test_broker_gaps_count_as_acked() -> None:
     assert Consumer._new_offset(c, TP) == 16
 
 
-def test_a_seek_restarts_the_first_delivered_offset() -> None:
+def test_a_seek_restarts_the_first_fetched_offset() -> None:
     c = consumer(committed=None)
     deliver(c, 50)
-    import asyncio
 
     async def no_seek(self: Any) -> None:
         return None
@@ -157,3 +165,29 @@ def test_wait_first_awaits_a_delivery_directly_only_when_it_cannot_block() -> No
         assert len(called) == 1 and delivered == [1]
 
     asyncio.run(main())
+
+
+# --- commits through a real stream -----------------------------------------------------------------------
+@pytest.mark.integration
+def test_a_take_events_agent_commits_every_partition_to_its_end(kenv: Any) -> None:
+    """A fresh group (no committed offset yet): the patched consumer must commit what the agent acked. The first
+    version of the fix hooked ``track_message``, which Faust's Stream inlines: it committed nothing at all."""
+    import subprocess
+    import sys
+
+    from tests.stream import kafka_helpers as K
+
+    s = kenv.settings
+    topic = kenv.topics.clicks
+    asyncio.run(K.produce_raw(s, topic, [(f"k{i}".encode(), b"x") for i in range(4000)]))
+    group = f"{kenv.group}-take"
+    log = kenv.workdir / "take.log"
+    with log.open("wb") as f:
+        p = subprocess.Popen([sys.executable, "-m", "tests.stream.take_agent", topic, group],
+                             env=K.worker_env(s), stdout=f, stderr=subprocess.STDOUT)
+    try:
+        got, want = K.wait_committed(s, group, topic, 90.0, alive=lambda: p.poll() is None)
+    finally:
+        K.stop(p)
+    assert len(want) == s.partitions  # 4,000 keys spread over every partition
+    assert got == want, log.read_text()[-3000:]
