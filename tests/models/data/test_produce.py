@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import Any
 
+import orjson
 import pytest
 
-from models.data.produce import checkpoint_path, merged_records, produce
+from models.data import produce as produce_mod
+from models.data.produce import ProduceResult, checkpoint_path, merged_records, produce, write_checkpoint
 from models.data.simulate import simulate
 from tests.conftest import KEnv
 
@@ -66,21 +69,39 @@ def test_produce_a_day_and_consume_it_back(day: Path, kenv: KEnv) -> None:
     _check_delivery(day, kenv)
 
 
-def test_stop_and_resume_delivers_every_record(day: Path, kenv: KEnv, tmp_path: Path) -> None:
+def test_stop_and_resume_delivers_every_record(day: Path, kenv: KEnv, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     data = tmp_path / "copy"
     data.mkdir()
     for f in day.iterdir():
         if f.is_file() and not f.name.startswith("."):
             (data / f.name).write_bytes(f.read_bytes())
+    total = len(list(merged_records(data)))
+    batch, stop_at = 500, 1000  # stop once two batches are acknowledged (an event, not a length of wall time)
+    stop = asyncio.Event()
+    seen: list[int] = []
 
-    async def stopped_midway() -> None:
-        stop = asyncio.Event()
-        asyncio.get_running_loop().call_later(0.7, stop.set)
-        res = await produce(data, settings=kenv.settings, prefix=kenv.prefix, rate=10_000, batch=500, stop=stop)
-        assert res.interrupted and 0 < res.acked_total < len(list(merged_records(data)))
+    def checkpointed(d: Path, prefix: str, fp: dict[str, Any], acked: int, done: bool) -> None:
+        write_checkpoint(d, prefix, fp, acked, done)  # the real one: the resume reads it
+        seen.append(acked)
+        if acked >= stop_at:
+            stop.set()
 
-    asyncio.run(stopped_midway())
-    assert checkpoint_path(data, kenv.prefix).exists()
+    monkeypatch.setattr(produce_mod, "write_checkpoint", checkpointed)
+
+    async def stopped_midway() -> ProduceResult:
+        return await produce(data, settings=kenv.settings, prefix=kenv.prefix, rate=10_000, batch=batch, stop=stop)
+
+    first = asyncio.run(stopped_midway())
+    # a graceful stop ends after the batch in flight is acknowledged and checkpointed
+    assert seen == [batch, stop_at] and stop_at < total
+    assert first.interrupted and first.acked_total == stop_at and first.clicks + first.purchases == stop_at
+    ck = orjson.loads(checkpoint_path(data, kenv.prefix).read_bytes())
+    assert ck["acked"] == stop_at and not ck["done"]
+
+    monkeypatch.undo()
     res = asyncio.run(produce(data, settings=kenv.settings, prefix=kenv.prefix))
-    assert not res.interrupted
-    _check_delivery(data, kenv)
+    assert not res.interrupted and res.acked_total == total
+    assert res.clicks + res.purchases == total - stop_at  # resumed where it stopped: nothing sent twice
+    assert orjson.loads(checkpoint_path(data, kenv.prefix).read_bytes())["done"]
+    _check_delivery(data, kenv)  # every record on the topics exactly once, byte-equal, in order per partition
