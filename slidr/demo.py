@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from slidr.redact import redact_url
 from slidr.settings import Settings, get_settings
 from slidr.topics import Topics
 
@@ -195,7 +196,7 @@ def run_demo(work: Path, *, scenario: str = "default", seed: int = 7, hours: flo
 
     t0 = _step("1/6 local services: Kafka (KRaft) + redis-server")
     services.up(s)
-    _done(t0, f"({base.kafka_bootstrap}, {base.redis_url}); topic prefix {prefix}")
+    _done(t0, f"({base.kafka_bootstrap}, {redact_url(base.redis_url)}); topic prefix {prefix}")
 
     t0 = _step(f"2/6 simulate scenario {scenario!r} (seed {seed})")
     sim = simulate_to(work / "data", scenario, seed)
