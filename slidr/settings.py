@@ -8,12 +8,13 @@ single-machine setup on loopback: the local broker and redis-server that ``slidr
 from __future__ import annotations
 
 import ssl
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -67,6 +68,21 @@ class Settings(BaseSettings):
         "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
         description="onnxruntime execution providers in order of preference (the available ones are used).",
     )
+
+    # --- secrets from files, local secure listeners ------------------------------------------
+    kafka_sasl_password_file: Path | None = Field(None, description=(
+        "File whose first line is the SASL password (a mounted secret); read when kafka_sasl_password is unset."))
+    redis_password_file: Path | None = Field(None, description=(
+        "File whose first line is the Redis password; read when redis_password is unset."))
+    kafka_sasl_ssl_port: int | None = Field(None, description=(
+        "Local broker (`slidr up`): also listen SASL_SSL (SCRAM-SHA-512, the user kafka_sasl_username with its "
+        "password, TLS certificates from certs_dir) on 127.0.0.1:<port>; off by default."))
+    kafka_plaintext_port: int | None = Field(None, description=(
+        "Local broker's PLAINTEXT (inter-broker) port when kafka_bootstrap names its SASL_SSL listener; "
+        "default: the bootstrap's port."))
+    certs_dir: Path | None = Field(None, description=(
+        "Certificates of the local broker's SASL_SSL listener and of a local rediss:// redis-server, made by "
+        "deploy/local/certs.sh on `slidr up` when missing (clients trust <certs_dir>/ca.crt); default <home>/certs."))
 
     # --- derived -----------------------------------------------------------------------------
     @property
@@ -126,6 +142,48 @@ class Settings(BaseSettings):
         if self.redis_tls_cafile:
             kw["ssl_ca_certs"] = str(self.redis_tls_cafile)
         return kw
+
+    @field_validator("kafka_sasl_password_file", "redis_password_file")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        # checked here, where an error shows only the path (a model-level error would show every input)
+        if path is not None:
+            try:
+                path.read_bytes()
+            except OSError as e:
+                raise ValueError(f"cannot read the secret file {path}: {e.strerror}") from None
+        return path
+
+    @model_validator(mode="after")
+    def _secrets_from_files(self) -> Settings:
+        if self.kafka_sasl_password is None and self.kafka_sasl_password_file is not None:
+            self.kafka_sasl_password = SecretStr(_read_secret(self.kafka_sasl_password_file))
+        if self.redis_password is None and self.redis_password_file is not None:
+            self.redis_password = SecretStr(_read_secret(self.redis_password_file))
+        return self
+
+    def redis_secret(self) -> str | None:
+        """The Redis password in effect: redis_password (or its file), else the URL's."""
+        if self.redis_password is not None:
+            return self.redis_password.get_secret_value()
+        return urlparse(self.redis_url).password
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """``redis_url`` fit to print or log (its password, if any, masked)."""
+        from slidr.redact import redact_url
+
+        return redact_url(self.redis_url)
+
+    def __repr_args__(self) -> Iterable[tuple[str | None, Any]]:
+        # repr() / str() never show a password held in the Redis URL (SecretStr fields mask themselves)
+        for name, value in super().__repr_args__():
+            yield name, self.redis_url_redacted if name == "redis_url" else value
+
+
+def _read_secret(path: Path) -> str:
+    text = path.read_text()
+    return text.splitlines()[0] if text else ""
 
 
 @lru_cache(maxsize=1)
