@@ -3,6 +3,11 @@
 #   kafka.sh fetch|up|down|status
 # Jars come from Maven Central (deploy/local/pom.xml) into $SLIDR_CACHE_DIR; data, logs and the pid
 # file live in $SLIDR_HOME/kafka. `up` is idempotent; `down` stops only the process whose pid we wrote.
+# Secure listener (off by default): with SLIDR_KAFKA_SASL_SSL_PORT set, the broker also listens SASL_SSL
+# (SCRAM-SHA-512, TLS with the certificates of certs.sh in $SLIDR_CERTS_DIR, default $SLIDR_HOME/certs, made
+# if missing) on 127.0.0.1:<port>. The SCRAM user $SLIDR_KAFKA_SASL_USERNAME (default slidr) with the password
+# in $SLIDR_KAFKA_SASL_PASSWORD or the file $SLIDR_KAFKA_SASL_PASSWORD_FILE is created when the storage is
+# formatted (a later password change needs a fresh storage folder). PLAINTEXT stays the inter-broker listener.
 set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 HOME_DIR="$(realpath -m "${SLIDR_HOME:-.slidr}")/kafka"
@@ -10,6 +15,9 @@ CACHE="$(realpath -m "${SLIDR_CACHE_DIR:-.cache}")"
 VERSION="${SLIDR_KAFKA_VERSION:-4.1.1}"
 PORT="${SLIDR_KAFKA_PORT:-19092}"
 CPORT="${SLIDR_KAFKA_CONTROLLER_PORT:-19093}"
+SPORT="${SLIDR_KAFKA_SASL_SSL_PORT:-}"
+CERTS="$(realpath -m "${SLIDR_CERTS_DIR:-${SLIDR_HOME:-.slidr}/certs}")"
+SASL_USER="${SLIDR_KAFKA_SASL_USERNAME:-slidr}"
 HEAP="${SLIDR_KAFKA_HEAP:--Xmx1G -Xms512m}"
 LIBS="$CACHE/kafka-$VERSION/libs"
 PIDFILE="$HOME_DIR/kafka.pid"
@@ -18,7 +26,16 @@ log() { echo "[kafka] $*" >&2; }
 
 alive() { [[ -f "$PIDFILE" ]] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/${1:-$PORT}") 2>/dev/null; }
+
+# "pid N, command" of the process listening on port $1, when ss can tell
+holder() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*(("\([^"]*\)",pid=\([0-9]*\).*/pid \2, \1/p' | head -1; }
+
+sasl_password() {
+  if [[ -n "${SLIDR_KAFKA_SASL_PASSWORD:-}" ]]; then printf '%s' "$SLIDR_KAFKA_SASL_PASSWORD"
+  elif [[ -n "${SLIDR_KAFKA_SASL_PASSWORD_FILE:-}" ]]; then tr -d '\r\n' < "$SLIDR_KAFKA_SASL_PASSWORD_FILE"
+  fi
+}
 
 fetch() {
   if [[ -f "$LIBS/kafka_2.13-$VERSION.jar" ]]; then return 0; fi
@@ -32,15 +49,26 @@ fetch() {
 
 write_config() {
   mkdir -p "$HOME_DIR/data" "$HOME_DIR/logs"
+  local secure="" listeners="PLAINTEXT://127.0.0.1:$PORT" protomap="CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+  if [[ -n "$SPORT" ]]; then
+    listeners+=",SASL_SSL://127.0.0.1:$SPORT"; protomap+=",SASL_SSL:SASL_SSL"
+    secure="sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.sasl.enabled.mechanisms=SCRAM-SHA-512
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.ssl.keystore.type=PEM
+listener.name.sasl_ssl.ssl.keystore.location=$CERTS/server.pem
+listener.name.sasl_ssl.ssl.client.auth=none
+"
+  fi
   cat > "$HOME_DIR/server.properties" <<PROPS
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$CPORT
-listeners=PLAINTEXT://127.0.0.1:$PORT,CONTROLLER://127.0.0.1:$CPORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$PORT
+listeners=$listeners,CONTROLLER://127.0.0.1:$CPORT
+advertised.listeners=$listeners
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=$protomap
 log.dirs=$HOME_DIR/data
 num.partitions=4
 offsets.topic.replication.factor=1
@@ -54,6 +82,7 @@ auto.create.topics.enable=true
 delete.topic.enable=true
 log.retention.hours=168
 PROPS
+  if [[ -n "$secure" ]]; then printf '%s' "$secure" >> "$HOME_DIR/server.properties"; fi
   cat > "$HOME_DIR/log4j2.properties" <<PROPS
 status = error
 appender.file.type = RollingFile
@@ -79,17 +108,42 @@ PROPS
 java_cmd() { java $HEAP -XX:+UseG1GC -Djava.awt.headless=true \
   -Dlog4j2.configurationFile="$HOME_DIR/log4j2.properties" -cp "$LIBS/*" "$@"; }
 
+# SCRAM credentials go into the metadata log at format time. The password reaches StorageTool through a java
+# @argfile (mode 600, deleted at once), so it never shows in a command line (ps, /proc/*/cmdline).
+format_storage() {
+  local cid; cid="$(java_cmd kafka.tools.StorageTool random-uuid | tail -1)"
+  log "formatting storage (cluster id $cid)"
+  local args="$HOME_DIR/format.args" rc=0
+  ( umask 077; printf '%s\n' kafka.tools.StorageTool format -t "$cid" -c "\"$HOME_DIR/server.properties\"" > "$args" )
+  if [[ -n "$SPORT" ]]; then
+    local pw; pw="$(sasl_password)"
+    [[ -n "$pw" ]] || { rm -f "$args"; log "SLIDR_KAFKA_SASL_PASSWORD(_FILE) is required with SLIDR_KAFKA_SASL_SSL_PORT"; exit 1; }
+    if [[ "$SASL_USER$pw" =~ [][,\"\\=[:space:]] ]]; then
+      rm -f "$args"; log "the SCRAM user name and password may not hold spaces or any of , [ ] = \" \\"; exit 1
+    fi
+    printf '%s\n' --add-scram "\"SCRAM-SHA-512=[name=$SASL_USER,password=$pw]\"" >> "$args"
+  fi
+  java_cmd "@$args" > "$HOME_DIR/logs/format.log" 2>&1 || rc=$?
+  rm -f "$args"
+  if (( rc != 0 )); then cat "$HOME_DIR/logs/format.log" >&2; exit 1; fi
+  if [[ -n "$SPORT" ]]; then echo "SCRAM-SHA-512 $SASL_USER" > "$HOME_DIR/scram-users"; else rm -f "$HOME_DIR/scram-users"; fi
+}
+
 up() {
   if alive; then log "already running (pid $(cat "$PIDFILE")) on 127.0.0.1:$PORT"; return 0; fi
-  if port_open; then log "port $PORT is taken by a process we did not start"; exit 1; fi
+  local p
+  for p in "$PORT" "$CPORT" $SPORT; do
+    if port_open "$p"; then log "port $p is taken by a process we did not start ($(holder "$p"))"; exit 1; fi
+  done
   command -v java >/dev/null || { log "Java 17+ is required"; exit 1; }
   fetch
+  if [[ -n "$SPORT" ]]; then bash "$HERE/certs.sh" "$CERTS"; fi
   write_config
   if [[ ! -f "$HOME_DIR/data/meta.properties" ]]; then
-    local cid; cid="$(java_cmd kafka.tools.StorageTool random-uuid | tail -1)"
-    log "formatting storage (cluster id $cid)"
-    java_cmd kafka.tools.StorageTool format -t "$cid" -c "$HOME_DIR/server.properties" \
-        > "$HOME_DIR/logs/format.log" 2>&1 || { cat "$HOME_DIR/logs/format.log" >&2; exit 1; }
+    format_storage
+  elif [[ -n "$SPORT" ]] && ! grep -qx "SCRAM-SHA-512 $SASL_USER" "$HOME_DIR/scram-users" 2>/dev/null; then
+    log "the storage in $HOME_DIR/data was formatted without the SCRAM user $SASL_USER (users are made at format"
+    log "time): use another SLIDR_HOME, or remove $HOME_DIR/data (its topics are lost)"; exit 1
   fi
   log "starting Kafka $VERSION on 127.0.0.1:$PORT"
   # shellcheck disable=SC2086
@@ -117,7 +171,7 @@ down() {
 }
 
 status() {
-  if alive; then echo "kafka: running pid=$(cat "$PIDFILE") bootstrap=127.0.0.1:$PORT version=$VERSION data=$HOME_DIR/data"
+  if alive; then echo "kafka: running pid=$(cat "$PIDFILE") bootstrap=127.0.0.1:$PORT${SPORT:+ sasl_ssl=127.0.0.1:$SPORT} version=$VERSION data=$HOME_DIR/data"
   else echo "kafka: stopped"; return 3; fi
 }
 
