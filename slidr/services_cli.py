@@ -2,42 +2,61 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import typer
 
 from slidr.settings import get_settings
 
 
+@contextmanager
+def _clean_errors(command: str) -> Iterator[None]:
+    """A ServiceError ends the command with its message and exit code 1, no traceback."""
+    from slidr.services import ServiceError
+
+    try:
+        yield
+    except ServiceError as e:
+        typer.echo(f"slidr {command}: {e}", err=True)
+        raise typer.Exit(1) from None
+
+
 def register(app: typer.Typer) -> None:
     @app.command()
     def up(topics: bool = typer.Option(True, help="Also create the topics (idempotent).")) -> None:
-        """Start the local Kafka broker (KRaft) and redis-server on loopback; a no-op if they run."""
+        """Start the local Kafka broker (KRaft) and redis-server on loopback; a no-op if they run (ours, or
+        another instance's that answers on the configured addresses). Secure listeners: see slidr/services.py."""
         from slidr import services
 
         s = get_settings()
-        services.up(s)
-        if topics:
-            created = services.create_topics(s)
-            typer.echo(f"topics: {len(created)} created" + (f" ({', '.join(created)})" if created else ""))
-        for line in services.status(s).values():
-            typer.echo(line)
+        with _clean_errors("up"):
+            services.up(s)
+            if topics:
+                created = services.create_topics(s)
+                typer.echo(f"topics: {len(created)} created" + (f" ({', '.join(created)})" if created else ""))
+            for st in services.status(s).values():
+                typer.echo(st.line)
 
     @app.command()
     def down() -> None:
-        """Stop the local services that `slidr up` started (by pid file); leaves their data."""
+        """Stop the local services that `slidr up` started (by pid file); leaves their data and others' services."""
         from slidr import services
 
-        services.down(get_settings())
+        with _clean_errors("down"):
+            services.down(get_settings())
 
     @app.command()
     def status() -> None:
-        """Say what runs and where. Exit code 3 when a service is stopped."""
+        """Say what runs, where, and whether this instance started it. Exit code 3 when a service is not
+        running (stopped, or its port held by something that does not answer as it)."""
         from slidr import services
 
-        s = get_settings()
-        st = services.status(s)
-        for line in st.values():
-            typer.echo(line)
-        if any(line.endswith("stopped") for line in st.values()):
+        with _clean_errors("status"):
+            st = services.status(get_settings())
+        for one in st.values():
+            typer.echo(one.line)
+        if not all(one.running for one in st.values()):
             raise typer.Exit(3)
 
     topics_app = typer.Typer(help="Kafka topics of this deployment (names and partitions: slidr/topics.py).")
