@@ -33,7 +33,7 @@ holder() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*(("\([^"]*\)",pid=\
 
 sasl_password() {
   if [[ -n "${SLIDR_KAFKA_SASL_PASSWORD:-}" ]]; then printf '%s' "$SLIDR_KAFKA_SASL_PASSWORD"
-  elif [[ -n "${SLIDR_KAFKA_SASL_PASSWORD_FILE:-}" ]]; then tr -d '\r\n' < "$SLIDR_KAFKA_SASL_PASSWORD_FILE"
+  elif [[ -n "${SLIDR_KAFKA_SASL_PASSWORD_FILE:-}" ]]; then head -n1 "$SLIDR_KAFKA_SASL_PASSWORD_FILE" | tr -d '\r'
   fi
 }
 

@@ -21,7 +21,7 @@ holder() { ss -Hltnp "sport = :$1" 2>/dev/null | sed -n 's/.*(("\([^"]*\)",pid=\
 
 password() {
   if [[ -n "${SLIDR_REDIS_PASSWORD:-}" ]]; then printf '%s' "$SLIDR_REDIS_PASSWORD"
-  elif [[ -n "${SLIDR_REDIS_PASSWORD_FILE:-}" ]]; then tr -d '\r\n' < "$SLIDR_REDIS_PASSWORD_FILE"
+  elif [[ -n "${SLIDR_REDIS_PASSWORD_FILE:-}" ]]; then head -n1 "$SLIDR_REDIS_PASSWORD_FILE" | tr -d '\r'
   fi
 }
 
