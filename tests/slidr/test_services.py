@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import subprocess
 import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -14,9 +19,12 @@ from aiokafka.admin import AIOKafkaAdminClient
 
 from schemas import decode_click
 from slidr import services
+from slidr.settings import Settings
 from slidr.topics import topic_specs
 from tests.conftest import KEnv
 
+ROOT = Path(__file__).resolve().parents[2]
+OutsideRedis = tuple[Callable[..., subprocess.Popen[bytes]], int]
 pytestmark = pytest.mark.integration
 
 
@@ -90,3 +98,92 @@ def test_status_and_second_up_are_no_ops(services: object) -> None:
     assert again.returncode == 0, again.stderr
     assert "already running" in again.stderr
     assert [line.split("pid=")[1].split()[0] for line in slidr("status").stdout.splitlines()] == pids
+
+
+# --- services another instance started ------------------------------------------------------
+
+
+@pytest.fixture
+def outside_redis(tmp_path: Path) -> Iterator[OutsideRedis]:
+    """(start, port): ``start(*config_lines)`` runs a redis-server on the free ``port`` outside the scripts, as
+    another checkout would; it is stopped afterwards."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def start(*conf: str) -> subprocess.Popen[bytes]:
+        cfg = tmp_path / "outside.conf"
+        cfg.write_text("".join(f"{line}\n" for line in conf))
+        p = subprocess.Popen(["redis-server", str(cfg), "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+                              "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+        procs.append(p)
+        for _ in range(100):  # until it accepts connections (or died)
+            if p.poll() is not None or services.port_open(port):
+                break
+            time.sleep(0.05)
+        assert p.poll() is None and services.port_open(port), "redis-server did not start"
+        return p
+
+    yield start, port
+    for p in procs:
+        p.terminate()
+        p.wait(10)
+
+
+def _other_instance_env(tmp_path: Path, services_settings: Settings, redis_port: int) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith("SLIDR_")},
+        "SLIDR_HOME": str(tmp_path / "other-home"),  # no pid files: nothing here was started by this instance
+        "SLIDR_CACHE_DIR": str(ROOT / ".cache"),
+        "SLIDR_KAFKA_BOOTSTRAP": services_settings.kafka_bootstrap,  # the shared broker, also not ours
+        "SLIDR_KAFKA_CONTROLLER_PORT": str(services_settings.kafka_controller_port),
+        "SLIDR_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+    }
+
+
+def _run(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "slidr", *args], env=env, capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def test_services_another_instance_started_count_as_running(services: Settings, outside_redis: OutsideRedis,
+                                                            tmp_path: Path) -> None:
+    start, port = outside_redis
+    proc = start()
+    env = _other_instance_env(tmp_path, services, port)
+
+    st = _run(env, "status")
+    assert st.returncode == 0, st.stdout + st.stderr
+    lines = dict(line.split(":", 1) for line in st.stdout.splitlines())
+    assert lines["redis"].startswith(f" running pid={proc.pid} url=redis://127.0.0.1:{port}/0")
+    assert lines["kafka"].startswith(" running pid=")
+    assert all("not started by this instance" in line for line in lines.values())
+
+    up = _run(env, "up", "--no-topics")
+    assert up.returncode == 0, up.stdout + up.stderr
+    assert f"[redis] already running on url=redis://127.0.0.1:{port}/0 (pid {proc.pid}), started by another " \
+           "instance" in up.stderr
+    assert not (tmp_path / "other-home" / "redis").exists()  # no second redis-server was tried
+
+    down = _run(env, "down")
+    assert down.returncode == 0 and "left running" in down.stderr
+    assert proc.poll() is None and redis.Redis(port=port).ping()
+
+
+def test_up_names_the_pid_holding_a_port(services: Settings, outside_redis: OutsideRedis, tmp_path: Path) -> None:
+    start, port = outside_redis
+    proc = start("requirepass not-ours")  # answers, but not to these settings (no password)
+    env = _other_instance_env(tmp_path, services, port)
+
+    up = _run(env, "up")
+    assert up.returncode == 1
+    assert "Traceback" not in up.stderr, up.stderr
+    assert f"slidr up: redis's plain port 127.0.0.1:{port} is taken by another instance or program: " \
+           f"pid {proc.pid} (redis-server)" in up.stderr
+    assert "not-ours" not in up.stdout + up.stderr
+
+    st = _run(env, "status")
+    assert st.returncode == 3
+    assert f"redis: stopped; redis's plain port 127.0.0.1:{port} is taken" in st.stdout
