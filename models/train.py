@@ -24,6 +24,10 @@ from models.weights import cell_weights, local_hour_dow
 
 log = logging.getLogger(__name__)
 
+# the four features read from the Redis profile cache (stream.features.MISSING_PROFILE when it is down)
+PROFILE_FEATURES = ("rfm_score", "rfm_known", "account_age_days", "ip_datacenter")
+_DROPOUT_STREAM = 0x9D0  # second seed word of the profile-dropout draw (independent of the epoch shuffles)
+
 
 @dataclass
 class TrainingData:
@@ -135,6 +139,25 @@ def sample_weights(td: TrainingData, m: npt.NDArray[np.bool_], cfg: TrainConfig)
     return cell_weights(td.hour[m], td.dow[m], td.logged_in[m], td.label[m], cfg.weight_clip)
 
 
+def drop_profiles(x: npt.NDArray[np.float32], share: float, seed: int
+                  ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """A copy of ``x`` with the profile features of a random ``share`` of rows set to MISSING_PROFILE.
+
+    Returns (copy, mask of the replaced rows); ``x`` itself is left as it is. The draw depends only on
+    ``seed`` and the row count, not on the trainer's other random numbers.
+    """
+    from stream.features import FEATURE_NAMES, MISSING_PROFILE
+
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"profile_dropout must be in [0, 1], got {share}")
+    cols = np.array([FEATURE_NAMES.index(n) for n in PROFILE_FEATURES], dtype=np.int64)
+    mask = np.random.default_rng([seed, _DROPOUT_STREAM]).random(len(x)) < share
+    out = x.copy()
+    if mask.any():
+        out[np.ix_(mask, cols)] = np.asarray(MISSING_PROFILE, dtype=np.float32)
+    return out, mask
+
+
 def make_model(kind: str, x_train: npt.NDArray[np.float32], cfg: TrainConfig) -> Any:
     """An untrained scorer of ``kind`` (normalisation statistics from the training rows)."""
     from models.nets import MLP, Heuristic, LogReg, Normalizer
@@ -167,6 +190,11 @@ def train(td: TrainingData, cfg: TrainConfig, kind: str | None = None) -> tuple[
     if cfg.max_train_rows and len(x_tr) > cfg.max_train_rows:
         keep = np.sort(rng.choice(len(x_tr), cfg.max_train_rows, replace=False))
         x_tr, y_tr, w_tr = x_tr[keep], y_tr[keep], w_tr[keep]
+    if kind != "heuristic":  # degraded-mode rows (Redis down); labels and weights stay those of their rows
+        x_tr, _ = drop_profiles(x_tr, cfg.profile_dropout, cfg.seed)
+    # normalisation statistics include those rows: MISSING_PROFILE's ip_datacenter = -1 then sits ~3 standard
+    # deviations out instead of 7 (2% datacenter clicks): on the small scenario (12 seeds, dropout 0.1) the
+    # degraded-mode FPR at a 5%-FPR validation threshold was 0.07 on average, 0.27 with clean-row statistics
     model = make_model(kind, x_tr, cfg)
     hist: dict[str, Any] = {"kind": kind, "train_rows": len(x_tr), "val_rows": int(va.sum()), "epochs": []}
     if kind == "heuristic":  # a fixed rule: nothing to fit
