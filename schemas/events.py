@@ -148,6 +148,8 @@ class Decision(_Record):
     event_ts: TimestampMs  # the click's event time
     advertiser_id: Id
     cpc: Money = 0.0
+    # scored while the profile cache was unreachable (profile features missing): replay re-decides these
+    degraded: bool = False
 
 
 class DeadLetter(_Record):

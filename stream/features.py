@@ -58,7 +58,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "hour_sin", "hour_cos", "dow_sin", "dow_cos",
     # click
     "logged_in", "platform_desktop", "platform_mobile", "platform_app",
-    # profile (Redis): -1 when unknown (anonymous or not in the cache)
+    # profile (Redis): -1 when unknown (anonymous or not in the cache); all -1 / 0 when the cache is unreachable
+    # (MISSING_PROFILE: ip_datacenter -1 marks it, a value a reachable cache never gives)
     "rfm_score", "rfm_known", "account_age_days", "ip_datacenter",
 )  # fmt: skip
 N_FEATURES = len(FEATURE_NAMES)
@@ -76,6 +77,7 @@ FEATURE_SPEC: dict[str, Any] = {
     "distinct_cap": DISTINCT_CAP,
     "platforms": list(PLATFORMS),
     "time": "local if tz_offset_min else UTC; hour = fractional hour of day, dow Monday=0",
+    "missing_profile": [-1.0, 0.0, -1.0, -1.0],
 }
 FEATURE_SPEC_HASH = hashlib.sha256(orjson.dumps(FEATURE_SPEC, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -310,6 +312,10 @@ def profile_from(cust: bytes | str | None, ipr: bytes | str | None) -> tuple[flo
 
 
 Profile = tuple[float, float, float, float]
+# The profile of a click scored while the cache is unreachable (the worker's degraded mode): nothing known, and
+# ip_datacenter -1, which a reachable cache never gives (0 or 1), so the model can tell "cache down" from
+# "anonymous" / "not a datacenter range". Training shows the model rows with it (``TrainConfig.profile_dropout``).
+MISSING_PROFILE: Profile = (-1.0, 0.0, -1.0, -1.0)
 
 
 def lookup_profile(click: ClickLike, get: Callable[[str], bytes | str | None]) -> Profile:

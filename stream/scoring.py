@@ -108,7 +108,7 @@ def score_batch(model: Model, matrix: np.ndarray) -> np.ndarray:
 
 
 def decision_dicts(model: Model, clicks: Sequence[Any], scores: np.ndarray, *, decided_at: int, revision: int = 0,
-                   replay_id: str | None = None) -> list[dict[str, Any]]:
+                   replay_id: str | None = None, degraded: bool = False) -> list[dict[str, Any]]:
     """One decision per click as a dict in ``Decision``'s field order (``orjson.dumps`` of it is the wire record,
     byte for byte ``Decision.to_json()``): invalid when ``score >= threshold`` of the click's slice. The worker's
     hot path builds these instead of models: the values are ours and in range, and tests check that they pass
@@ -124,13 +124,13 @@ def decision_dicts(model: Model, clicks: Sequence[Any], scores: np.ndarray, *, d
             "v": 1, "click_id": c.click_id, "valid": valid, "score": score, "threshold": thr, "slice": sl,
             "model_version": version, "revision": revision, "replay_id": replay_id, "decided_at": decided_at,
             "reason": "" if valid else f"score {score:.3f} >= {thr:.3f} on {sl}",
-            "event_ts": c.ts, "advertiser_id": c.advertiser_id, "cpc": c.cpc,
+            "event_ts": c.ts, "advertiser_id": c.advertiser_id, "cpc": c.cpc, "degraded": degraded,
         })
     return out
 
 
 def decide(model: Model, clicks: Sequence[Any], scores: np.ndarray, *, decided_at: int, revision: int = 0,
-           replay_id: str | None = None) -> list[Decision]:
+           replay_id: str | None = None, degraded: bool = False) -> list[Decision]:
     """One Decision per click: invalid when ``score >= threshold`` of the click's slice."""
     return [Decision.model_construct(**d) for d in decision_dicts(
-        model, clicks, scores, decided_at=decided_at, revision=revision, replay_id=replay_id)]
+        model, clicks, scores, decided_at=decided_at, revision=revision, replay_id=replay_id, degraded=degraded)]
