@@ -64,6 +64,17 @@ class Settings(BaseSettings):
         "+ grace in event time are deleted, tombstoned in the changelog."))
     score_batch_within_s: float = Field(0.01, gt=0, description=(
         "Longest a click waits in the user stage's buffer before it is forwarded to scoring."))
+    redis_timeout_s: float = Field(0.25, gt=0, description=(
+        "Longest the IP stage waits for the profile cache (one MGET per scoring batch). Past it, or when Redis is "
+        "unreachable, the batch is scored in degraded mode (profile features missing, decisions flagged "
+        "'degraded') and Redis is retried with backoff."))
+    kafka_session_timeout_s: float = Field(10.0, ge=6, description=(
+        "Consumer group session timeout: how long the group waits for a worker that stopped heartbeating (a crash) "
+        "before it hands its partitions to the others. Faust's default, 60 s, held every partition of a killed "
+        "worker that long."))
+    stage_retries: int = Field(5, ge=1, description=(
+        "Attempts at a stage batch that raised (its table writes and records dropped, then taken again) before "
+        "the worker stops without committing past it."))
     onnx_providers: str = Field(
         "TensorrtExecutionProvider,CUDAExecutionProvider,CPUExecutionProvider",
         description="onnxruntime execution providers in order of preference (the available ones are used).",

@@ -53,3 +53,10 @@ def topic_specs(settings: Settings, prefix: str | None = None) -> list[TopicSpec
         TopicSpec(t.dead_letters, 1, "malformed clicks with the reason and source offset"),
         TopicSpec(t.feature_log, n, "features + model version of every scored click"),
     ]
+
+
+def changelog_topic(settings: Settings, table: str) -> str:
+    """A worker table's changelog: ``<prefix>.<worker id>.<table>-changelog`` (compacted). It carries the topic
+    prefix, so two deployments on one broker never share one, and the worker id, so two detector groups of one
+    deployment keep their own state."""
+    return f"{settings.topic_prefix}.{settings.worker_id}.{table}-changelog"

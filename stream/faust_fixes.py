@@ -87,6 +87,16 @@ def _new_offset(self: Any, tp: Any) -> int | None:
     return int(batch[-1]) + 1
 
 
+def committed_offset(consumer: Any, topic: str, partition: int) -> int:
+    """The group's committed offset (the next offset to read) of a partition as this consumer knows it: read
+    from the broker at assignment, then each commit of ours; -1 when none is known. (Faust keeps it in a
+    private mapping: this is the one place that reads it.)"""
+    from faust.types import TP
+
+    off = consumer._committed_offset.get(TP(topic, partition))
+    return -1 if off is None else int(off)
+
+
 def delivery_can_block(app: Any) -> bool:
     """Whether the conductor's delivery of a message might wait (see the module doc, point 2)."""
     if not app.flow_control.is_active():

@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from schemas.events import Click, decode_decision
+from slidr.topics import changelog_topic
 from stream import cache, toymodel
 from stream import features as F
 from stream.app import USERS_TABLE, read_feature_log
@@ -141,7 +142,7 @@ def test_every_click_decided_once_and_features_match_offline(kenv: Any) -> None:
 
 def _table_snapshot(kenv: Any) -> dict[bytes, Any]:
     """Latest value per key of the users table's changelog."""
-    parts = asyncio.run(K.read_partitions(kenv.settings, f"{kenv.settings.worker_id}-{USERS_TABLE}-changelog"))
+    parts = asyncio.run(K.read_partitions(kenv.settings, changelog_topic(kenv.settings, USERS_TABLE)))
     out: dict[bytes, Any] = {}
     for msgs in parts.values():
         for m in msgs:
@@ -151,7 +152,7 @@ def _table_snapshot(kenv: Any) -> dict[bytes, Any]:
 
 def _strip(st: dict[str, Any]) -> dict[str, Any]:
     """State minus the redelivery bookkeeping (stream positions, which offline runs have not)."""
-    return {k: v for k, v in st.items() if k not in ("q", "src")}
+    return {k: v for k, v in st.items() if k not in ("q", "src", "r", "ids")}
 
 
 def _offline_users(clicks: list[Click]) -> dict[bytes, Any]:
@@ -203,7 +204,7 @@ def test_two_workers_split_partitions_and_decide_everything(kenv: Any) -> None:
 
 
 def _changelog_latest(kenv: Any, table: str) -> dict[bytes, bytes | None]:
-    parts = asyncio.run(K.read_partitions(kenv.settings, f"{kenv.settings.worker_id}-{table}-changelog"))
+    parts = asyncio.run(K.read_partitions(kenv.settings, changelog_topic(kenv.settings, table)))
     return {m.key: m.value for msgs in parts.values() for m in msgs}
 
 

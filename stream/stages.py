@@ -1,0 +1,399 @@
+"""The worker's two stages as objects: each owns its table writer, its clocks, its publisher and one batch step.
+
+``UserStage.step(events)``: clicks (and by-user forwards) -> validate, users table, by-ip records.
+``IpStage.step(events)``: by-ip records -> ips table, profiles (one MGET), one ONNX call, decisions + feature log.
+
+Error policy (what happens when something goes wrong inside a batch):
+- a malformed click, or a click the feature code cannot process: dead-lettered with the reason (never raises);
+- Redis unreachable or slower than ``redis_timeout_s``: the batch is scored in degraded mode (``ProfileCache``),
+  decisions flagged ``degraded``; Redis is retried with backoff;
+- anything else that raises in a batch (the model, a send, a fault injected by the tests): the batch is
+  all-or-nothing. Its pending table writes and unsent records are dropped and the same events are taken again,
+  up to ``stage_retries`` times with backoff; table state already written by a failed attempt holds the clicks'
+  first features (``stream.state.apply``), so a retry publishes what the first attempt would have. When every
+  attempt failed, ``fail_stop``: the process exits without acking or committing the batch (a restart
+  redelivers it). An exception never leaves a stage body: Faust would ack the abandoned batch's events
+  (``take_events``' finally) and keep the closure's half-done state for the next one;
+- a record batch that Kafka refuses for good: ``fail_stop`` from the send's callback, before Faust's
+  pre-commit flush returns (``stream.publish``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import math
+import os
+import sys
+import time
+import zlib
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from schemas.events import DeadLetter, SchemaError, decode_click
+from slidr.settings import Settings
+from slidr.topics import Topics
+from stream import faults
+from stream import features as F
+from stream.publish import Publisher
+from stream.scoring import Model, decision_dicts, score_batch
+from stream.state import DUPLICATE_ID, ClickView, Stats, TableWriter, apply
+
+log = logging.getLogger(__name__)
+FORWARDED = 1 << 16  # by-ip "p" tag of a click that came through by-user: FORWARDED + its by-user partition
+IP_RECORDS_PER_BATCH = 16  # by-ip records scored together at most (each holds one user-stage flush's share)
+IP_BATCH_WITHIN_S = 0.002  # longest the IP stage waits for more records before it scores what it has
+BATCH_MAX = 1 << 16  # most clicks in one by-ip record (settings cap score_batch_size below it)
+RECORD_MAX_BYTES = 512 * 1024  # by-ip and feature-log records stay under this (Kafka's default limit is 1 MB)
+FAILPOINTS = ("user.begin", "user.write", "user.flush", "ip.begin", "ip.score", "ip.write", "ip.flush")
+EXIT_FAIL_STOP = 70
+
+
+def fail_stop(reason: str) -> None:
+    """Stop the worker now, committing nothing more: what it was doing is redelivered after a restart. (Faust's
+    own crash path shuts down gracefully, which commits acked offsets: the wrong thing here.)"""
+    log.critical("worker stopping without committing: %s", reason)
+    logging.shutdown()
+    sys.stderr.flush()
+    os._exit(EXIT_FAIL_STOP)
+
+
+def ip_partition(ip: str, partitions: int) -> int:
+    """The by-ip partition of an IP (an internal topic: any stable hash does; crc32 is C, murmur2 Python)."""
+    return zlib.crc32(ip.encode()) % partitions
+
+
+def feature_log_record(model_version: str, clicks: Sequence[F.ClickLike], rows: list[list[float]],
+                       scores: list[float], degraded: bool = False) -> bytes:
+    """One feature-log record: the clicks scored in one batch, their feature rows and scores (docs/design.md)."""
+    rec: dict[str, Any] = {"model_version": model_version, "feature_spec_hash": F.FEATURE_SPEC_HASH,
+                           "click_ids": [c.click_id for c in clicks], "ts": [c.ts for c in clicks],
+                           "features": rows, "scores": scores}
+    if degraded:
+        rec["degraded"] = True
+    return orjson.dumps(rec)
+
+
+def read_feature_log(value: bytes) -> list[dict[str, Any]]:
+    """The per-click rows of one feature-log record: click_id, ts, model_version, feature_spec_hash, features,
+    score, degraded."""
+    r = orjson.loads(value)
+    deg = bool(r.get("degraded", False))
+    return [{"click_id": cid, "ts": ts, "model_version": r["model_version"],
+             "feature_spec_hash": r["feature_spec_hash"], "features": row, "score": sc, "degraded": deg}
+            for cid, ts, row, sc in zip(r["click_ids"], r["ts"], r["features"], r["scores"], strict=True)]
+
+
+def _chunks(items: list[bytes], max_bytes: int) -> list[list[bytes]]:
+    """Consecutive runs of items whose joined size stays under ``max_bytes`` (an item alone may exceed it)."""
+    out: list[list[bytes]] = []
+    cur: list[bytes] = []
+    size = 0
+    for it in items:
+        if cur and size + len(it) + 1 > max_bytes:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append(it)
+        size += len(it) + 1
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+class Stage:
+    """What both stages share: a publisher, a table writer and the retry loop around one batch step."""
+
+    name = "stage"
+
+    def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any],
+                 committed: Callable[[str, int], int]) -> None:
+        self.s = s
+        self.t = topics
+        self.writer = writer
+        self.out = Publisher(producer, lambda topic: 1 if topic == topics.dead_letters else s.partitions,
+                             on_failure=fail_stop)
+        self._committed = committed  # (topic, partition) -> the group's committed offset there, -1 if none
+        self.stats = Stats()
+        self.batches = 0
+        self.failed_attempts = 0
+
+    async def run(self, events: list[Any]) -> None:
+        """One batch, all or nothing, retried (see the module doc). Never raises."""
+        for attempt in range(1, self.s.stage_retries + 1):
+            try:
+                await self.step(events)
+                self.batches += 1
+                return
+            except Exception as e:  # the policy: drop, retry, then stop (never escape)
+                self.writer.discard()
+                self.out.discard()
+                self.failed_attempts += 1
+                if attempt == self.s.stage_retries:
+                    fail_stop(f"{self.name} batch of {len(events)} events failed {attempt} times, last: {e!r}")
+                log.warning("%s: batch of %d events failed (attempt %d of %d): %r; taking it again",
+                            self.name, len(events), attempt, self.s.stage_retries, e,
+                            exc_info=not isinstance(e, faults.InjectedFault))
+                await asyncio.sleep(min(0.05 * 2 ** attempt, 5.0))
+
+    async def step(self, events: list[Any]) -> None:
+        raise NotImplementedError
+
+    async def commit_batch(self) -> None:
+        """The end of every batch: 1. table changes into the local store (one RocksDB write batch per partition)
+        and the changelog records into the publisher; 2. every record of the batch handed to the producer; 3.
+        the changelog offsets recorded as persisted once acknowledged. Faust then acks the batch's events (the
+        take_events loop) and flushes the producer before it commits them."""
+        faults.hit(f"{self.name}.write")
+        self.writer.write(self.out)
+        faults.hit(f"{self.name}.flush")
+        self.writer.persisted(await self.out.flush())
+
+    def dead_letter(self, msg: Any, raw: bytes, field: str, reason: str) -> None:
+        dl = DeadLetter(source_topic=msg.topic, partition=msg.partition, offset=msg.offset, field=field,
+                        error=reason[:512], raw_b64=_b64(raw), received_at=int(time.time() * 1000))
+        self.out.add(self.t.dead_letters, None, dl.to_json(), partition=0)
+
+
+class UserStage(Stage):
+    """Clicks -> users table -> one by-ip record per IP partition (and record size bound)."""
+
+    name = "user"
+
+    def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any],
+                 committed: Callable[[str, int], int], by_user: str, by_ip: str) -> None:
+        super().__init__(s, topics, writer, producer, committed)
+        self.by_user = by_user
+        self.by_ip = by_ip
+        self.clock: dict[int, int] = {}  # clicks partition -> latest event time seen there (the sweeps' clock)
+        self.dead = 0
+
+    def committed(self, tag: int) -> int:
+        if tag >= FORWARDED:
+            return self._committed(self.by_user, tag - FORWARDED)
+        return self._committed(self.t.clicks, tag)
+
+    async def step(self, events: list[Any]) -> None:
+        faults.hit("user.begin")
+        fwd: dict[int, list[bytes]] = {}
+        clock = dict(self.clock)
+        dead = 0
+        for event in events:
+            dead += self.event(event, fwd, clock)
+        per_partition = Counter(ev.message.partition for ev in events if ev.message.topic == self.t.clicks)
+        for p, n in per_partition.items():  # ours until these events are acked
+            self.writer.sweep(p, clock.get(p, 0), math.ceil(n * self.s.sweep_keys_per_click))
+        for p, items in fwd.items():
+            for chunk in _chunks(items, RECORD_MAX_BYTES):
+                self.out.add(self.by_ip, None, b"[" + b",".join(chunk) + b"]", partition=p)
+        await self.commit_batch()
+        self.clock = clock
+        self.dead += dead
+
+    def event(self, event: Any, fwd: dict[int, list[bytes]], clock: dict[int, int]) -> int:
+        """One click: validate, update its user's state, add it to the record bound for its IP's partition.
+        Returns the number of dead letters it caused (0 or 1)."""
+        msg = event.message
+        raw: bytes = event.value
+        try:
+            if msg.topic == self.by_user:  # forwarded below: validated already, src in its header
+                c: Any = ClickView(orjson.loads(raw))
+                sp, so = _src(event)  # its clicks position, tagged apart from the direct clicks'
+                tag = FORWARDED + msg.partition
+                src = (FORWARDED + sp, so)
+            else:
+                try:
+                    c = decode_click(raw)
+                except SchemaError as e:
+                    self.dead_letter(msg, raw, e.field, e.reason)
+                    return 1
+                if event.key != c.user_key.encode():  # foreign producer: repartition by user key first
+                    self.out.add(self.by_user, c.user_key.encode(), raw,
+                                 headers=[("src", f"{msg.partition},{msg.offset}".encode())])
+                    return 0
+                tag = msg.partition
+                src = (msg.partition, msg.offset)
+            out = apply(self.writer, msg.partition, event.key, c, tag, msg.offset, src, F.update_user,
+                        self.committed, self.stats, check_id=True)
+            if out is DUPLICATE_ID:
+                self.dead_letter(msg, raw, "click_id", "duplicate: this user key had a click with this id "
+                                 "(decided already; a resend is not counted)")
+                return 1
+        except Exception as e:  # a click our code cannot handle must not stop the others
+            log.exception("user stage: click at %s[%d]@%d could not be processed", msg.topic, msg.partition,
+                          msg.offset)
+            self.dead_letter(msg, raw, "worker", f"processing failed: {e!r}")
+            return 1
+        if tag < FORWARDED and c.ts > clock.get(msg.partition, 0):
+            clock[msg.partition] = c.ts
+        if out is not None:  # forward the click with its position here (the next stage's dedupe key)
+            fwd.setdefault(ip_partition(c.ip, self.s.partitions), []).append(
+                b'{"c":' + raw + b',"u":' + orjson.dumps(out) + b',"p":[' + str(src[0]).encode() + b","
+                + str(src[1]).encode() + b"]}")
+        return 0
+
+
+def _src(event: Any) -> tuple[int, int]:
+    """Position of a click read from the clicks topic: the user stage's dedupe key (via the message header)."""
+    h = dict(event.headers or {}).get("src")
+    if h is None:
+        raise ValueError("a by-user message without its src header")
+    p, o = h.split(b",")
+    return int(p), int(o)
+
+
+class ProfileCache:
+    """The Redis profile cache as the IP stage reads it: one MGET per batch, with a timeout; when Redis fails,
+    ``mget`` answers None (the caller scores in degraded mode) and Redis is left alone for a backoff that
+    doubles per failure (0.5 s up to 10 s) before it is tried again."""
+
+    def __init__(self, s: Settings) -> None:
+        self.s = s
+        self.redis: Any = None
+        self.retry_at = 0.0
+        self.backoff = 0.5
+        self.down_since: float | None = None
+        self.failures = 0
+        self.degraded_batches = 0
+
+    async def mget(self, keys: list[str]) -> list[Any] | None:
+        now = time.monotonic()
+        if now < self.retry_at:
+            return None
+        try:
+            if self.redis is None:
+                import redis.asyncio as aioredis
+
+                t = self.s.redis_timeout_s
+                self.redis = aioredis.from_url(self.s.redis_url, socket_timeout=t, socket_connect_timeout=t,
+                                               **self.s.redis_kwargs())
+            vals: list[Any] = await asyncio.wait_for(self.redis.mget(keys), self.s.redis_timeout_s)
+        except Exception as e:  # redis errors, OSError, timeouts: all mean "no profiles now"
+            self.failures += 1
+            self.retry_at = now + self.backoff
+            self.backoff = min(self.backoff * 2, 10.0)
+            if self.down_since is None:
+                self.down_since = now
+                log.warning("profile cache unreachable (%r): scoring in degraded mode (profile features missing, "
+                            "decisions flagged degraded) and retrying with backoff", e)
+            return None
+        if self.down_since is not None:
+            log.warning("profile cache back after %.1f s (%d failed attempts): degraded mode over",
+                        now - self.down_since, self.failures)
+            self.down_since = None
+            self.backoff = 0.5
+        return vals
+
+
+class IpStage(Stage):
+    """by-ip records -> ips table -> profiles -> one ONNX call -> decisions + feature log."""
+
+    name = "ip"
+
+    def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any],
+                 committed: Callable[[str, int], int], by_ip: str, model: Model) -> None:
+        super().__init__(s, topics, writer, producer, committed)
+        self.by_ip = by_ip
+        self.model = model
+        self.cache = ProfileCache(s)
+        self.redis_prefix = s.redis_key_prefix + ":"
+        self.clock: dict[int, int] = {}
+        self.decided = 0
+        self.degraded = 0
+        self.dead = 0
+
+    def committed(self, tag: int) -> int:
+        return self._committed(self.by_ip, tag)
+
+    async def step(self, events: list[Any]) -> None:
+        faults.hit("ip.begin")
+        todo: list[tuple[int, F.ClickLike, Any, list[float]]] = []
+        clock = dict(self.clock)
+        dead = 0
+        for event in events:
+            dead += self.event(event, todo, clock)
+        decided = degraded = 0
+        if todo:
+            decided, degraded = await self.score(todo)
+        await self.commit_batch()
+        self.clock = clock
+        self.decided += decided
+        self.degraded += degraded
+        self.dead += dead
+
+    def event(self, event: Any, todo: list[tuple[int, F.ClickLike, Any, list[float]]],
+              clock: dict[int, int]) -> int:
+        """One by-ip record (the clicks of one user-stage flush bound for its partition): update the ips table
+        click by click and add the clicks to score. Returns the dead letters it caused."""
+        msg = event.message
+        p = msg.partition
+        base = msg.offset * BATCH_MAX
+        n = dead = 0
+        for i, rec in enumerate(orjson.loads(event.value)):
+            try:
+                c = ClickView(rec["c"])
+                src = (rec["p"][0], rec["p"][1])
+                out = apply(self.writer, p, c.ip.encode(), c, p, base + i, src, F.update_ip, self.committed,
+                            self.stats, scale=BATCH_MAX)
+            except Exception as e:  # (as in the user stage)
+                log.exception("ip stage: click %d of by-ip[%d]@%d could not be processed", i, p, msg.offset)
+                self.dead_letter(msg, orjson.dumps(rec.get("c") if isinstance(rec, dict) else rec), "worker",
+                                 f"processing failed: {e!r}")
+                dead += 1
+                continue
+            if out is not None:  # a copy (None) has nothing to decide
+                todo.append((p, c, rec, out))
+                n += 1
+            if c.ts > clock.get(p, 0):
+                clock[p] = c.ts
+        self.writer.sweep(p, clock.get(p, 0), math.ceil(n * self.s.sweep_keys_per_click))  # ours until acked
+        return dead
+
+    async def score(self, todo: list[tuple[int, F.ClickLike, Any, list[float]]]) -> tuple[int, int]:
+        """Profiles (one Redis MGET), one ONNX call, a decision per click and feature-log records per by-ip
+        partition. ``todo``: (by-ip partition, click, forwarded record, IP features). Returns (decided,
+        decided in degraded mode)."""
+        keys: list[str] = []
+        for _, c, _, _ in todo:
+            ck, ik = F.profile_keys(c)
+            keys.append(self.redis_prefix + (ck or "-"))
+            keys.append(self.redis_prefix + ik)
+        vals = await self.cache.mget(keys)  # one round trip per batch; None: Redis unreachable (degraded)
+        degraded = vals is None
+        cs = [c for _, c, _, _ in todo]
+        if vals is None:
+            self.cache.degraded_batches += 1
+            rows = [F.assemble(c, rec["u"], ipf, F.MISSING_PROFILE) for _, c, rec, ipf in todo]
+        else:
+            rows = [F.assemble(c, rec["u"], ipf, F.profile_from(vals[2 * j], vals[2 * j + 1]))
+                    for j, (_, c, rec, ipf) in enumerate(todo)]
+        faults.hit("ip.score")
+        scores = score_batch(self.model, np.asarray(rows, dtype=np.float32))
+        decisions = decision_dicts(self.model, cs, scores, decided_at=int(time.time() * 1000), degraded=degraded)
+        for c, d in zip(cs, decisions, strict=True):
+            self.out.add(self.t.decisions, c.click_id.encode(), orjson.dumps(d))
+        by_partition: dict[int, list[int]] = {}
+        for j, (p, _, _, _) in enumerate(todo):
+            by_partition.setdefault(p, []).append(j)
+        for p, js in by_partition.items():
+            for rec in self._feature_log(js, cs, rows, decisions, degraded):
+                self.out.add(self.t.feature_log, None, rec, partition=p)
+        return len(todo), len(todo) if degraded else 0
+
+    def _feature_log(self, js: list[int], cs: list[F.ClickLike], rows: list[list[float]],
+                     decisions: list[dict[str, Any]], degraded: bool) -> list[bytes]:
+        rec = feature_log_record(self.model.version, [cs[j] for j in js], [rows[j] for j in js],
+                                 [decisions[j]["score"] for j in js], degraded)
+        if len(rec) <= RECORD_MAX_BYTES or len(js) == 1:
+            return [rec]
+        half = len(js) // 2  # too large (a hot IP, one or two partitions): split until every record fits
+        return (self._feature_log(js[:half], cs, rows, decisions, degraded)
+                + self._feature_log(js[half:], cs, rows, decisions, degraded))

@@ -1,0 +1,196 @@
+"""The stages' pure rules without a broker: redelivery (``stream.state.apply``), the batch retry policy, the
+profile cache's degraded mode, record size bounds and fail points."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from slidr.settings import Settings
+from slidr.topics import Topics
+from stream import faults, stages
+from stream import features as F
+from stream.state import DUPLICATE_ID, RECENT_IDS, Stats, apply
+from tests.stream.helpers import T0, click
+from tests.stream.test_app import _writer
+
+
+def _no_commit(tag: int) -> int:
+    return -1
+
+
+def test_a_redelivered_click_gets_the_features_it_had_the_first_time(tmp_path: Path) -> None:
+    cl, _ = _writer(tmp_path)
+    stats = Stats()
+    cs = [click(i, T0 + 1000 * i, session="s1") for i in range(5)]
+    first = [apply(cl, 0, b"s:s1", c, 0, 100 + i, (0, 100 + i), F.update_user, _no_commit, stats)
+             for i, c in enumerate(cs)]
+    assert [f[0] for f in first] == [1.0, 2.0, 3.0, 4.0, 5.0]  # u_clicks_1m grows
+    # a crash before the commit: the same offsets again, from a state that already holds all five
+    again = [apply(cl, 0, b"s:s1", c, 0, 100 + i, (0, 100 + i), F.update_user, _no_commit, stats)
+             for i, c in enumerate(cs)]
+    assert again == first and stats.redelivered == 5
+    # reading the features off the state instead (what the worker did before) gives the look-ahead values
+    st = cl.get(0, b"s:s1")
+    assert st is not None and F.user_features(st, cs[0])[0] == 5.0 != first[0][0]
+
+
+def test_recent_entries_go_once_the_group_committed_past_them(tmp_path: Path) -> None:
+    cl, _ = _writer(tmp_path)
+    committed = {0: -1}
+    stats = Stats()
+    for i in range(4):
+        apply(cl, 0, b"k", click(i, T0 + i), 0, 10 + i, (0, 10 + i), F.update_user, committed.__getitem__, stats)
+    st = cl.get(0, b"k")
+    assert st is not None and [e[1] for e in st["r"]] == [10, 11, 12, 13]
+    committed[0] = 13  # offsets up to 12 committed: never delivered again
+    apply(cl, 0, b"k", click(4, T0 + 4), 0, 14, (0, 14), F.update_user, committed.__getitem__, stats)
+    st = cl.get(0, b"k")
+    assert st is not None and [e[1] for e in st["r"]] == [13, 14]
+
+
+def test_an_upstream_copy_is_not_decided_again_and_the_ip_stage_scales_positions(tmp_path: Path) -> None:
+    cl, _ = _writer(tmp_path)
+    stats = Stats()
+    c = click(1, T0, ip="10.0.0.1")
+    by_ip_offset = 7
+    own = by_ip_offset * stages.BATCH_MAX + 3
+    committed = {2: 7}.__getitem__  # by-ip partition 2 committed up to offset 7 (exclusive): own is not past
+    feats = apply(cl, 2, b"10.0.0.1", c, 2, own, (0, 55), F.update_ip, committed, stats, scale=stages.BATCH_MAX)
+    assert feats is not None
+    # the user stage re-forwarded the click (its own redelivery): a new by-ip record, same upstream position
+    assert apply(cl, 2, b"10.0.0.1", c, 2, own + stages.BATCH_MAX, (0, 55), F.update_ip, committed, stats,
+                 scale=stages.BATCH_MAX) is None
+    assert stats.copies == 1
+    st = cl.get(2, b"10.0.0.1")
+    assert st is not None and len(st["r"]) == 1  # offset 7 not committed yet: kept
+
+
+def test_a_resend_within_the_window_is_a_duplicate_and_counts_nothing(tmp_path: Path) -> None:
+    cl, _ = _writer(tmp_path)
+    stats = Stats()
+    c = click(1, T0, session="s9")
+    apply(cl, 1, b"s:s9", c, 1, 5, (1, 5), F.update_user, _no_commit, stats, check_id=True)
+    before = cl.get(1, b"s:s9")
+    assert apply(cl, 1, b"s:s9", c, 1, 6, (1, 6), F.update_user, _no_commit, stats, check_id=True) is DUPLICATE_ID
+    assert cl.get(1, b"s:s9") == before and stats.duplicate_ids == 1
+    for i in range(RECENT_IDS):  # the key clicks on: the first id leaves the window
+        apply(cl, 1, b"s:s9", click(10 + i, T0 + i), 1, 7 + i, (1, 7 + i), F.update_user, _no_commit, stats,
+              check_id=True)
+    assert apply(cl, 1, b"s:s9", c, 1, 99, (1, 99), F.update_user, _no_commit, stats, check_id=True) not in (
+        None, DUPLICATE_ID)
+
+
+class _Flaky(stages.Stage):
+    name = "flaky"
+
+    def __init__(self, fails: int, tmp_path: Path) -> None:
+        writer, _ = _writer(tmp_path)
+        super().__init__(Settings(stage_retries=3), Topics("t"), writer, lambda: None, lambda topic, p: -1)
+        self.fails = fails
+        self.attempts: list[tuple[int, int]] = []
+
+    async def step(self, events: list[Any]) -> None:
+        self.writer.put(0, b"k", {"hi": 1})
+        self.out._open[("t.x", 0)] = object()  # a record batch being built
+        self.attempts.append((len(self.writer.pending), len(self.out._open)))
+        if len(self.attempts) <= self.fails:
+            raise faults.InjectedFault("boom")
+
+
+def test_a_failed_batch_is_dropped_and_taken_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stages.asyncio, "sleep", _no_sleep)
+    st = _Flaky(2, tmp_path)
+    asyncio.run(st.run([1, 2, 3]))
+    assert st.attempts == [(1, 1)] * 3  # each attempt starts from nothing: the failed ones left nothing behind
+    assert st.batches == 1 and st.failed_attempts == 2
+
+
+def test_a_batch_failing_every_attempt_stops_the_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stages.asyncio, "sleep", _no_sleep)
+    stopped: list[str] = []
+
+    def fake_stop(reason: str) -> None:
+        stopped.append(reason)
+        raise SystemExit(70)
+
+    monkeypatch.setattr(stages, "fail_stop", fake_stop)
+    st = _Flaky(99, tmp_path)
+    with pytest.raises(SystemExit):
+        asyncio.run(st.run([1]))
+    assert len(st.attempts) == 3 and "failed 3 times" in stopped[0] and "boom" in stopped[0]
+
+
+async def _no_sleep(_s: float) -> None:
+    return None
+
+
+def test_profile_cache_answers_none_when_redis_is_unreachable_and_backs_off() -> None:
+    s = Settings(redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.5)  # nothing listens on port 1
+
+    async def main() -> None:
+        pc = stages.ProfileCache(s)
+        assert await pc.mget(["a", "b"]) is None
+        assert pc.failures == 1 and pc.down_since is not None and pc.backoff == 1.0
+        assert await pc.mget(["a"]) is None and pc.failures == 1  # inside the backoff: Redis left alone
+        pc.retry_at = 0.0
+        assert await pc.mget(["a"]) is None and pc.failures == 2 and pc.backoff == 2.0
+
+    asyncio.run(main())
+
+
+@pytest.mark.integration
+def test_profile_cache_reads_a_live_redis(services: Settings) -> None:
+    import redis
+
+    r = redis.Redis.from_url(services.redis_url, **services.redis_kwargs())
+    r.set("t-stages:x", b"1")
+    try:
+        pc = stages.ProfileCache(services)
+        assert asyncio.run(pc.mget(["t-stages:x", "t-stages:none"])) == [b"1", None]
+    finally:
+        r.delete("t-stages:x")
+
+
+def test_records_are_bounded_by_bytes() -> None:
+    items = [b"x" * 1000] * 1500
+    chunks = stages._chunks(items, stages.RECORD_MAX_BYTES)
+    assert sum(map(len, chunks)) == 1500 and len(chunks) == 3
+    assert all(sum(len(i) + 1 for i in ch) <= stages.RECORD_MAX_BYTES for ch in chunks)
+    assert stages._chunks([b"y" * 600_000], 1000) == [[b"y" * 600_000]]  # an item alone is never split
+
+
+def test_feature_log_records_split_until_they_fit() -> None:
+    st = object.__new__(stages.IpStage)
+    st.model = SimpleNamespace(version="v")  # type: ignore[assignment]
+    cs = [click(i, T0 + i) for i in range(4000)]
+    rows = [[123456.789] * F.N_FEATURES for _ in cs]
+    decs = [{"score": 0.5} for _ in cs]
+    recs = st._feature_log(list(range(len(cs))), cs, rows, decs, False)
+    assert len(recs) > 1 and all(len(r) <= stages.RECORD_MAX_BYTES for r in recs)
+    assert [row["click_id"] for r in recs for row in stages.read_feature_log(r)] == [c.click_id for c in cs]
+
+
+def test_fail_points_raise_at_the_named_hits() -> None:
+    pts = faults._parse("ip.score@3,user.flush@2x2")
+    assert pts == {"ip.score": [0, 3, 3], "user.flush": [0, 2, 3]}
+    with pytest.raises(ValueError, match="bad item"):
+        faults._parse("ip.score")
+    old = faults._POINTS
+    faults._POINTS = pts
+    try:
+        raised = []
+        for _ in range(5):
+            try:
+                faults.hit("user.flush")
+                raised.append(False)
+            except faults.InjectedFault:
+                raised.append(True)
+        assert raised == [False, True, True, False, False]
+        faults.hit("not.named")  # unnamed points never raise
+    finally:
+        faults._POINTS = old
