@@ -67,6 +67,19 @@ def _is_ip(s: str) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def ip_key(s: str) -> str:
+    """The key an IP is counted under: the canonical form of an IPv4 address (an IPv4-mapped IPv6 address is its
+    IPv4 one), and for IPv6 its /64 network, canonical (``2001:db8::/64``): a client gets a whole /64 and rotates
+    freely inside it. ``2001:DB8:0:0::1`` and ``2001:db8::1`` are one key. Remembered, like ``_is_ip``."""
+    a = ipaddress.ip_address(s)
+    if isinstance(a, ipaddress.IPv6Address):
+        if a.ipv4_mapped is not None:
+            return str(a.ipv4_mapped)
+        return str(ipaddress.IPv6Network((int(a) >> 64 << 64, 64)))
+    return str(a)
+
+
 class _KeyFields(Protocol):
     @property
     def customer_id(self) -> str | None: ...
@@ -76,6 +89,8 @@ class _KeyFields(Protocol):
     def platform(self) -> str: ...
     @property
     def logged_in(self) -> bool: ...
+    @property
+    def ip(self) -> str: ...
 
 
 class ClickKeys:
@@ -90,6 +105,11 @@ class ClickKeys:
     @property
     def slice(self: _KeyFields) -> str:
         return slice_of(self.platform, self.logged_in)
+
+    @property
+    def ip_key(self: _KeyFields) -> str:
+        """The IP entity whose clicks we count (``ip_key``: canonical, IPv6 by /64)."""
+        return ip_key(self.ip)
 
 
 class Click(_Record, ClickKeys):

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     registry_path: Path = Field(Path(".slidr/registry"), description="Model registry folder.")
     worker_id: str = Field("slidr-detector", description="Faust app id = the detector's consumer group.")
     worker_web_port: int = Field(6066, description="Faust web port of the first worker (0 disables it).")
+    worker_web_bind: str = Field("127.0.0.1", description=(
+        "Address the worker's web server binds (health and stats only; Faust's table and router views are off: "
+        "they served any table key's state to whoever asked)."))
     score_batch_size: int = Field(512, ge=1, le=1024, description=(
         "Clicks the user stage buffers before it forwards them (one by-ip record per partition; each record is "
         "scored in one ONNX call). At most 1024, which keeps a record well under Kafka's 1 MB message limit."))
@@ -68,6 +71,12 @@ class Settings(BaseSettings):
         "Longest the IP stage waits for the profile cache (one MGET per scoring batch). Past it, or when Redis is "
         "unreachable, the batch is scored in degraded mode (profile features missing, decisions flagged "
         "'degraded') and Redis is retried with backoff."))
+    max_future_skew_s: float = Field(300.0, gt=0, description=(
+        "A click stamped more than this ahead of the worker's clock is dead-lettered (field ts): one far-future "
+        "click would otherwise blind its keys' counters and move the partition's expiry clock."))
+    max_lateness_s: float = Field(3600.0, ge=0, description=(
+        "A click older than the longest feature window (24 h) plus this, behind the newest event time of its "
+        "clicks partition, is dead-lettered (field ts): it would count in no window."))
     kafka_session_timeout_s: float = Field(10.0, ge=6, description=(
         "Consumer group session timeout: how long the group waits for a worker that stopped heartbeating (a crash) "
         "before it hands its partitions to the others. Faust's default, 60 s, held every partition of a killed "

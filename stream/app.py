@@ -111,6 +111,10 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         topic_allow_declare=True,
         web_enabled=s.worker_web_port != 0,
         web_port=s.worker_web_port or 6066,
+        web_bind=s.worker_web_bind,
+        web_tables_enabled=False,  # /table/<name>/<key>/ served a customer's counters, an IP's users
+        web_router_enabled=False,
+        web_graph_enabled=False,
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,  # seconds between offset commits (redelivery window after a crash)
         broker_session_timeout=s.kafka_session_timeout_s,

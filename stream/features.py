@@ -25,9 +25,11 @@ newest event time seen in that partition (``stream.app.TableWriter.sweep``).
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
 from operator import itemgetter
 from typing import Any, Protocol
 
@@ -78,6 +80,7 @@ FEATURE_SPEC: dict[str, Any] = {
     "platforms": list(PLATFORMS),
     "time": "local if tz_offset_min else UTC; hour = fractional hour of day, dow Monday=0",
     "missing_profile": [-1.0, 0.0, -1.0, -1.0],
+    "ip_key": "canonical IPv4 (IPv4-mapped IPv6 as IPv4), IPv6 by its /64; ranges /24 and /48",
 }
 FEATURE_SPEC_HASH = hashlib.sha256(orjson.dumps(FEATURE_SPEC, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
@@ -103,6 +106,8 @@ class ClickLike(Protocol):
     def tz_offset_min(self) -> int | None: ...
     @property
     def user_key(self) -> str: ...
+    @property
+    def ip_key(self) -> str: ...
 
 
 State = dict[str, Any]
@@ -275,11 +280,22 @@ def customer_key(customer_id: str) -> str:
     return f"cust:{customer_id}"
 
 
+@lru_cache(maxsize=1 << 16)
 def ip_range_key(ip: str) -> str:
-    """Cache key of the IP's range: its /24 for IPv4 (``a.b.c.0/24``), its /48 for IPv6."""
-    if ":" in ip:
-        return "ipr:" + ":".join(ip.split(":")[:3]) + "::/48"
-    return "ipr:" + ip.rpartition(".")[0] + ".0/24"
+    """Cache key of the IP's range, from an address or an ``ip_key`` in any textual form: its /24 for IPv4
+    (``ipr:a.b.c.0/24``; an IPv4-mapped IPv6 address is IPv4), its /48 for IPv6 (canonical, ``ipr:2001:db8::/48``)."""
+    a = ipaddress.ip_address(ip.partition("/")[0])
+    if isinstance(a, ipaddress.IPv6Address) and a.ipv4_mapped is not None:
+        a = a.ipv4_mapped
+    if isinstance(a, ipaddress.IPv4Address):
+        return "ipr:" + str(ipaddress.IPv4Network((int(a) >> 8 << 8, 24)))
+    return "ipr:" + str(ipaddress.IPv6Network((int(a) >> 80 << 80, 48)))
+
+
+def range_key(prefix: str) -> str:
+    """Cache key of a loaded IP range (``ip_ranges.jsonl``'s ``prefix``), canonical: ``2001:DB8:0::/48`` and
+    ``2001:db8::/48`` are one key, host bits dropped."""
+    return "ipr:" + str(ipaddress.ip_network(prefix, strict=False))
 
 
 def build_profiles(customers: Iterable[Mapping[str, Any]],
@@ -290,14 +306,14 @@ def build_profiles(customers: Iterable[Mapping[str, Any]],
         out[customer_key(str(c["customer_id"]))] = orjson.dumps(
             [float(c["rfm_score"]), float(c.get("account_age_days", -1.0))])
     for r in ip_ranges:
-        out["ipr:" + str(r["prefix"])] = b"1" if r.get("datacenter") else b"0"
+        out[range_key(str(r["prefix"]))] = b"1" if r.get("datacenter") else b"0"
     return out
 
 
 def profile_keys(click: ClickLike) -> tuple[str | None, str]:
     """The cache keys a click's profile needs (customer key or None, IP-range key)."""
     cid = click.customer_id
-    return (customer_key(cid) if cid is not None else None), ip_range_key(click.ip)
+    return (customer_key(cid) if cid is not None else None), ip_range_key(click.ip_key)
 
 
 def profile_from(cust: bytes | str | None, ipr: bytes | str | None) -> tuple[float, float, float, float]:
@@ -351,7 +367,8 @@ def featurize(clicks: Iterable[ClickLike], profiles: Mapping[str, bytes | str]) 
     for c in clicks:
         uk = c.user_key
         users[uk], uf = update_user(users.get(uk), c)
-        ips[c.ip], ipf = update_ip(ips.get(c.ip), c)
+        ik = c.ip_key
+        ips[ik], ipf = update_ip(ips.get(ik), c)
         rows.append(assemble(c, uf, ipf, lookup_profile(c, get)))
     if not rows:
         return np.zeros((0, N_FEATURES), dtype=np.float32)

@@ -4,7 +4,9 @@
 ``IpStage.step(events)``: by-ip records -> ips table, profiles (one MGET), one ONNX call, decisions + feature log.
 
 Error policy (what happens when something goes wrong inside a batch):
-- a malformed click, or a click the feature code cannot process: dead-lettered with the reason (never raises);
+- a malformed click, a click stamped too far ahead of the worker's clock or too far behind its partition's event
+  time (``out_of_time``), a producer's resend, or a click the feature code cannot process: dead-lettered with
+  the reason (never raises);
 - Redis unreachable or slower than ``redis_timeout_s``: the batch is scored in degraded mode (``ProfileCache``),
   decisions flagged ``degraded``; Redis is retried with backoff;
 - anything else that raises in a batch (the model, a send, a fault injected by the tests): the batch is
@@ -64,7 +66,8 @@ def fail_stop(reason: str) -> None:
 
 
 def ip_partition(ip: str, partitions: int) -> int:
-    """The by-ip partition of an IP (an internal topic: any stable hash does; crc32 is C, murmur2 Python)."""
+    """The by-ip partition of an IP key (``Click.ip_key``; an internal topic: any stable hash does; crc32 is C,
+    murmur2 Python)."""
     return zlib.crc32(ip.encode()) % partitions
 
 
@@ -175,6 +178,22 @@ class UserStage(Stage):
         self.by_ip = by_ip
         self.clock: dict[int, int] = {}  # clicks partition -> latest event time seen there (the sweeps' clock)
         self.dead = 0
+        self.now_ms = int(time.time() * 1000)
+        self.skew_ms = int(s.max_future_skew_s * 1000)
+        self.late_ms = F.TTL_MS + int(s.max_lateness_s * 1000)
+
+    def out_of_time(self, ts: int, partition_clock: int) -> str:
+        """Why a click's event time is refused ('' when it is not): too far ahead of the worker's clock, or too
+        far behind its partition's newest event time (no clock ever moves on a refused click)."""
+        ahead = ts - self.now_ms
+        if ahead > self.skew_ms:
+            return (f"event time {ts} is {ahead / 1000:.0f} s ahead of the worker's clock "
+                    f"(max_future_skew_s {self.s.max_future_skew_s:g})")
+        behind = partition_clock - ts
+        if behind > self.late_ms:
+            return (f"event time {ts} is {behind / 3_600_000:.1f} h behind its partition's newest event time "
+                    f"(the longest window, 24 h, + max_lateness_s {self.s.max_lateness_s:g})")
+        return ""
 
     def committed(self, tag: int) -> int:
         if tag >= FORWARDED:
@@ -186,6 +205,7 @@ class UserStage(Stage):
         fwd: dict[int, list[bytes]] = {}
         clock = dict(self.clock)
         dead = 0
+        self.now_ms = int(time.time() * 1000)  # the event-time guard's clock, once per batch
         for event in events:
             dead += self.event(event, fwd, clock)
         per_partition = Counter(ev.message.partition for ev in events if ev.message.topic == self.t.clicks)
@@ -215,6 +235,10 @@ class UserStage(Stage):
                 except SchemaError as e:
                     self.dead_letter(msg, raw, e.field, e.reason)
                     return 1
+                late = self.out_of_time(c.ts, clock.get(msg.partition, 0))
+                if late:
+                    self.dead_letter(msg, raw, "ts", late)
+                    return 1
                 if event.key != c.user_key.encode():  # foreign producer: repartition by user key first
                     self.out.add(self.by_user, c.user_key.encode(), raw,
                                  headers=[("src", f"{msg.partition},{msg.offset}".encode())])
@@ -235,7 +259,7 @@ class UserStage(Stage):
         if tag < FORWARDED and c.ts > clock.get(msg.partition, 0):
             clock[msg.partition] = c.ts
         if out is not None:  # forward the click with its position here (the next stage's dedupe key)
-            fwd.setdefault(ip_partition(c.ip, self.s.partitions), []).append(
+            fwd.setdefault(ip_partition(c.ip_key, self.s.partitions), []).append(
                 b'{"c":' + raw + b',"u":' + orjson.dumps(out) + b',"p":[' + str(src[0]).encode() + b","
                 + str(src[1]).encode() + b"]}")
         return 0
@@ -341,7 +365,7 @@ class IpStage(Stage):
             try:
                 c = ClickView(rec["c"])
                 src = (rec["p"][0], rec["p"][1])
-                out = apply(self.writer, p, c.ip.encode(), c, p, base + i, src, F.update_ip, self.committed,
+                out = apply(self.writer, p, c.ip_key.encode(), c, p, base + i, src, F.update_ip, self.committed,
                             self.stats, scale=BATCH_MAX)
             except Exception as e:  # (as in the user stage)
                 log.exception("ip stage: click %d of by-ip[%d]@%d could not be processed", i, p, msg.offset)

@@ -220,3 +220,23 @@ def test_window_counts_equal_the_definition(raw: list[tuple[int, int]], b: int, 
     buckets = [[x, counts[x]] for x in sorted(counts)]
     want = [sum(c for x, c in buckets if b - w < x <= b) for w in widths]
     assert F._window_counts(buckets, b, widths) == want
+
+
+def test_textual_variants_of_one_address_are_one_ip() -> None:
+    """(issue 16, item 7) Three spellings of 2001:db8::1, and an IPv4 address with its IPv4-mapped form, count as
+    one IP each; a client rotating inside its IPv6 /64 stays one IP; the datacenter flag of a compressed IPv6
+    address is found (its range key used to be ``ipr:2001:db8:::/48``, which matched nothing)."""
+    v6 = ["2001:db8::1", "2001:DB8:0:0::1", "2001:0db8:0000:0000:0000:0000:0000:0001", "2001:db8::ffff:1"]
+    v4 = ["203.0.113.45", "::ffff:203.0.113.45"]
+    cs = [click(i, T0 + i * 1000, ip=ip, session=f"s{i}") for i, ip in enumerate(v6 + v4)]
+    assert {c.ip_key for c in cs[:4]} == {"2001:db8::/64"} and {c.ip_key for c in cs[4:]} == {"203.0.113.45"}
+    prof = F.build_profiles([], [{"prefix": "2001:DB8:0::/48", "datacenter": True},
+                                 {"prefix": "203.0.113.7/24", "datacenter": True}])
+    X = F.featurize(cs, prof)
+    col = F.FEATURE_NAMES.index
+    assert X[:4, col("ip_clicks_1h")].tolist() == [1, 2, 3, 4]
+    assert X[4:, col("ip_clicks_1h")].tolist() == [1, 2]
+    assert X[:4, col("ip_users_1h")].tolist() == [1, 2, 3, 4]
+    assert X[:, col("ip_datacenter")].tolist() == [1.0] * 6
+    assert F.ip_range_key("2001:db8::1") == F.ip_range_key("2001:DB8:0:0::1") == "ipr:2001:db8::/48"
+    assert F.ip_range_key("::ffff:10.1.2.3") == F.ip_range_key("10.1.2.99") == "ipr:10.1.2.0/24"
