@@ -8,8 +8,9 @@ The world:
 - an ad catalogue: advertisers with their own price level, campaigns, ads, per-platform placements;
 - humans: logged-in customers (RFM profile, heavy-tailed activity, so some busy humans click a lot) and
   anonymous visitors; sessions of a few clicks with log-normal gaps; diurnal and weekly rhythms in the
-  visitor's local time that differ by slice; home IPs, carrier NAT / office / campus gateways shared by many
-  humans, and some corporate-VPN humans on data-centre IPs (so the data-centre flag alone is not decisive);
+  visitor's local time that differ by slice (a few % of devices abroad, in other zones); home IPs, carrier
+  NAT / office / campus gateways shared by many humans, and some corporate-VPN humans on data-centre IPs
+  (so the data-centre flag alone is not decisive);
 - purchases after a few % of human clicks (more for high-RFM customers), minutes to hours later; purchases
   falling into a label outage window are dropped (and the window recorded in meta.json);
 - bots (archetypes below), essentially never purchasing (``purchase.bot_accident_rate``);
@@ -23,7 +24,8 @@ Archetypes (truth.jsonl ``archetype``): ``human`` and
 - ``compromised`` logged-in real customers' accounts driven from proxies at a high rate;
 - ``mimic``       human-like sessions, real user agents and the human diurnal rhythm, high-priced ads;
 - ``night``       sessions in the visitor's local night (0-5 h);
-- ``app_farm``    (the default drift) device farm: many app devices behind a few IPs, foreign time zone.
+- ``app_farm``    (the default drift) device farm: many app devices behind a few IPs; about half the devices
+                  keep the farm's own (foreign) time zone, the rest were set to the market's.
 """
 
 from __future__ import annotations
@@ -93,6 +95,7 @@ DEFAULTS: dict[str, Any] = {
         "gap_sigma": 1.1,
         "visitor_sessions_mean": 1.6,  # sessions per anonymous visitor
         "tz_known": 0.9,             # share of clicks carrying tz_offset_min
+        "tz_abroad": 0.03,           # travellers and expatriates: a device clock in a foreign zone (ABROAD_TZ)
         "office_share": 0.22,        # desktop users with an office gateway (used in working hours)
         "vpn_share": 0.05,           # desktop users on a corporate VPN (data-centre egress)
         "nat_share": {"mobile": 0.75, "app": 0.55},  # sessions through a carrier NAT gateway
@@ -125,6 +128,10 @@ FLAT_HOURLY = np.ones(24)
 
 TZ_CHOICES = np.array([-300, -360, -420, -480, -600, 0, 60])
 TZ_P = np.array([0.43, 0.25, 0.1, 0.16, 0.02, 0.02, 0.02])
+# zones of travellers' and expatriates' devices (humans.tz_abroad), +480 (China, Singapore, Perth ...) included
+ABROAD_TZ = np.array([-180, 0, 60, 120, 180, 240, 330, 420, 480, 540, 600])
+# a device farm's own zone (its devices keep it unless the operator set them to the target market's)
+FARM_TZ = 480
 
 M5, KH, KS = "Mozilla/5.0", "AppleWebKit/537.36 (KHTML, like Gecko)", "AppleWebKit/605.1.15 (KHTML, like Gecko)"
 UA = {
@@ -378,6 +385,13 @@ class World:
     def tz(self, n: int) -> np.ndarray:
         return self.rng.choice(TZ_CHOICES, size=n, p=TZ_P).astype(np.int32)
 
+    def human_tz(self, n: int) -> np.ndarray:
+        """Humans' device zones: the market's (``tz``), a share abroad (travellers, expatriates)."""
+        tz = self.tz(n)
+        abroad = self.rng.random(n) < self.sc["humans"]["tz_abroad"]
+        tz[abroad] = self.rng.choice(ABROAD_TZ, size=int(abroad.sum()))
+        return tz
+
     def ua(self, plat: str, n: int, scripted: bool = False) -> np.ndarray:
         lst = (SCRIPTED_UA if scripted else UA)[plat]
         return np.array(lst, dtype=object)[self.rng.integers(0, len(lst), size=n)]
@@ -482,7 +496,7 @@ def _people(w: World, n: int) -> People:
     office[is_vpn] = w.dc_ips(int(is_vpn.sum()), w.vpn24[: max(1, len(w.vpn24) // 2)]) & np.uint32(0xFFFFFF00) | 1
     return People(
         home=w.residential(n), office=office, carrier=r.integers(0, len(w.nat), size=n),
-        tz=w.tz(n), ua=r.integers(0, 1_000_000, size=(n, 3)),
+        tz=w.human_tz(n), ua=r.integers(0, 1_000_000, size=(n, 3)),
     )
 
 
@@ -678,9 +692,11 @@ def _app_farm(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -
     k = int(dev.max()) + 1
     farm_ips = w.residential(n_farms * 3).reshape(n_farms, 3)
     ts = w.uniform_times(n, t0)
+    # a device keeps the farm's own zone, or was set to the target market's (as the operators do to blend in)
+    tz_dev = np.where(r.random(k) < 0.55, FARM_TZ, w.tz(k)).astype(np.int32)
     return {"ts": ts, "session": w.ids(k)[dev], "customer": _accounts(w, n_farms, li, *acc)[farm],
             "ip": farm_ips[farm, r.integers(0, 3, size=n)], "ua": w.ua(plat, k)[dev],
-            "tz": np.full(n, 480, dtype=np.int32), "ad": w.bot_ads(n, farm, 2)}
+            "tz": tz_dev[dev], "ad": w.bot_ads(n, farm, 2)}
 
 
 GENERATORS = {"bursty": _bursty, "low_slow": _low_slow, "dc_rotation": _dc_rotation, "resi_botnet": _resi_botnet,
