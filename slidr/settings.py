@@ -65,6 +65,9 @@ class Settings(BaseSettings):
         "Table keys checked for expiry per click handled (0: never delete idle keys): each stage flush checks that "
         "many keys of each partition it handled, going round the partition. Keys idle for more than the state TTL "
         "+ grace in event time are deleted, tombstoned in the changelog."))
+    max_keys_per_partition: int = Field(5_000_000, ge=1, description=(
+        "Bound on a table partition's keys: above it, the sweep evicts keys idle for more than an hour before their "
+        "TTL (their counters start over), logged and counted (the worker's report line)."))
     score_batch_within_s: float = Field(0.01, gt=0, description=(
         "Longest a click waits in the user stage's buffer before it is forwarded to scoring."))
     redis_timeout_s: float = Field(0.25, gt=0, description=(

@@ -177,9 +177,12 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
 
     @app.timer(30.0)
     async def report() -> None:
-        log.info("decided %d (degraded %d), dead letters %d, redelivered %d, copies %d, failed batch attempts %d",
+        log.info("decided %d (degraded %d), dead letters %d, redelivered %d, copies %d, failed batch attempts %d, "
+                 "keys users %d ips %d (evicted early %d)",
                  ips.decided, ips.degraded, users.dead + ips.dead, users.stats.redelivered + ips.stats.redelivered,
-                 users.stats.copies + ips.stats.copies, users.failed_attempts + ips.failed_attempts)
+                 users.stats.copies + ips.stats.copies, users.failed_attempts + ips.failed_attempts,
+                 sum(users.writer.count.values()), sum(ips.writer.count.values()),
+                 users.writer.evicted + ips.writer.evicted)
 
     app.slidr_stages = (users, ips)  # type: ignore[attr-defined]
     return app

@@ -54,6 +54,8 @@ BATCH_MAX = 1 << 16  # most clicks in one by-ip record (settings cap score_batch
 RECORD_MAX_BYTES = 512 * 1024  # by-ip and feature-log records stay under this (Kafka's default limit is 1 MB)
 FAILPOINTS = ("user.begin", "user.write", "user.flush", "ip.begin", "ip.score", "ip.write", "ip.flush")
 EXIT_FAIL_STOP = 70
+SWEEP_PER_NEW_KEY = 3.0  # keys the sweep visits per new key a batch adds (see Stage.sweep)
+EVICT_IDLE_MS = 3_600_000  # a partition over its key bound loses keys idle for longer than this
 
 
 def fail_stop(reason: str) -> None:
@@ -128,6 +130,7 @@ class Stage:
         self.stats = Stats()
         self.batches = 0
         self.failed_attempts = 0
+        self._over_logged = 0.0
 
     async def run(self, events: list[Any]) -> None:
         """One batch, all or nothing, retried (see the module doc). Never raises."""
@@ -149,6 +152,29 @@ class Stage:
 
     async def step(self, events: list[Any]) -> None:
         raise NotImplementedError
+
+    def sweep(self, partition: int, now_ms: int, clicks: int, new_keys: int) -> None:
+        """Expire idle keys of a partition this batch handled (``clicks`` of it, ``new_keys`` new there). The
+        budget follows the churn: ``sweep_keys_per_click`` per click, and ``SWEEP_PER_NEW_KEY`` per new key, so
+        deletions keep up however many clicks bring a new key (the table stays under about 1.5x the keys alive
+        in the last TTL + grace: each key is visited at least once per 1/3 of the time it takes to fill that
+        many). Over ``max_keys_per_partition``, four times the budget, and visited keys idle for more than
+        ``EVICT_IDLE_MS`` are evicted early (counted, logged)."""
+        budget = math.ceil(clicks * self.s.sweep_keys_per_click + new_keys * SWEEP_PER_NEW_KEY)
+        if self.s.sweep_keys_per_click <= 0:
+            return
+        evict = None
+        if self.writer.keys(partition) > self.s.max_keys_per_partition:
+            budget *= 4
+            evict = now_ms - EVICT_IDLE_MS
+            t = time.monotonic()
+            if t - self._over_logged > 60:
+                self._over_logged = t
+                log.warning("%s: partition %d holds %d keys, over max_keys_per_partition %d: evicting keys idle "
+                            "for more than %d min (%d evicted so far)", self.name, partition,
+                            self.writer.keys(partition), self.s.max_keys_per_partition, EVICT_IDLE_MS // 60_000,
+                            self.writer.evicted)
+        self.writer.sweep(partition, now_ms, budget, evict)
 
     async def commit_batch(self) -> None:
         """The end of every batch: 1. table changes into the local store (one RocksDB write batch per partition)
@@ -209,8 +235,9 @@ class UserStage(Stage):
         for event in events:
             dead += self.event(event, fwd, clock)
         per_partition = Counter(ev.message.partition for ev in events if ev.message.topic == self.t.clicks)
+        new = self.writer.new_keys()
         for p, n in per_partition.items():  # ours until these events are acked
-            self.writer.sweep(p, clock.get(p, 0), math.ceil(n * self.s.sweep_keys_per_click))
+            self.sweep(p, clock.get(p, 0), n, new.get(p, 0))
         for p, items in fwd.items():
             for chunk in _chunks(items, RECORD_MAX_BYTES):
                 self.out.add(self.by_ip, None, b"[" + b",".join(chunk) + b"]", partition=p)
@@ -378,7 +405,7 @@ class IpStage(Stage):
                 n += 1
             if c.ts > clock.get(p, 0):
                 clock[p] = c.ts
-        self.writer.sweep(p, clock.get(p, 0), math.ceil(n * self.s.sweep_keys_per_click))  # ours until acked
+        self.sweep(p, clock.get(p, 0), n, self.writer.new_keys().get(p, 0))  # ours until acked
         return dead
 
     async def score(self, todo: list[tuple[int, F.ClickLike, Any, list[float]]]) -> tuple[int, int]:

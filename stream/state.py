@@ -69,13 +69,35 @@ class TableWriter:
         self.topic: str = table.changelog_topic.get_topic_name()
         self.pending: dict[tuple[int, bytes], F.State | None] = {}
         self.cursor: dict[int, bytes] = {}  # partition -> the key the next sweep starts at
+        self.absent: set[tuple[int, bytes]] = set()  # keys read since the last write that the store lacks
+        self.count: dict[int, int] = {}  # partition -> keys in the store (RocksDB's estimate, then kept exact)
+        self.evicted = 0  # keys deleted before their TTL because their partition was over its bound
 
     def get(self, partition: int, key: bytes) -> F.State | None:
         v = self.pending.get((partition, key), _MISSING)
         if v is _MISSING:
             raw = self.store._db_for_partition(partition).get(key)
-            return orjson.loads(raw) if raw is not None else None
+            if raw is None:
+                self.absent.add((partition, key))
+                return None
+            return orjson.loads(raw)
         return v  # type: ignore[return-value]
+
+    def new_keys(self) -> dict[int, int]:
+        """Per partition, the keys that the pending writes add to the store."""
+        out: dict[int, int] = {}
+        for pk in self.absent:
+            if self.pending.get(pk) is not None:
+                out[pk[0]] = out.get(pk[0], 0) + 1
+        return out
+
+    def keys(self, partition: int) -> int:
+        """Keys of ``partition`` in the store (after the last write)."""
+        n = self.count.get(partition)
+        if n is None:
+            db = self.store._db_for_partition(partition)
+            n = self.count[partition] = int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
+        return n
 
     def put(self, partition: int, key: bytes, state: F.State | None) -> None:
         self.pending[(partition, key)] = state
@@ -83,10 +105,12 @@ class TableWriter:
     def discard(self) -> None:
         """Forget every put since the last write (a failed batch: its events are taken again)."""
         self.pending = {}
+        self.absent = set()
 
-    def sweep(self, partition: int, now_ms: int, visit: int) -> None:
+    def sweep(self, partition: int, now_ms: int, visit: int, evict_before_ms: int | None = None) -> None:
         """Delete the keys of ``partition`` idle at event time ``now_ms``, visiting at most ``visit`` keys from
-        where the previous sweep of the partition stopped (and starting over at the end)."""
+        where the previous sweep of the partition stopped (and starting over at the end). ``evict_before_ms``
+        (a partition over its key bound): also delete visited keys whose newest event is older than that."""
         if visit <= 0:
             return
         it = self.store._db_for_partition(partition).iter()
@@ -109,14 +133,20 @@ class TableWriter:
                 hi = _state_hi(it.value()) if v is _MISSING else (None if v is None else v["hi"])  # type: ignore[index]
                 if hi is not None and F.is_expired(hi, now_ms):
                     self.put(partition, k, None)
+                elif hi is not None and evict_before_ms is not None and hi < evict_before_ms:
+                    self.put(partition, k, None)
+                    self.evicted += 1
             it.next()
         if it.valid():
             self.cursor[partition] = it.key()
 
     def write(self, pub: Publisher) -> None:
         pending, self.pending = self.pending, {}
+        absent, self.absent = self.absent, set()
         batches: dict[int, Any] = {}
         for (p, k), st in pending.items():
+            new = (p, k) in absent
+            self.count[p] = self.keys(p) + (1 if st is not None and new else -1 if st is None and not new else 0)
             wb = batches.get(p)
             if wb is None:
                 wb = batches[p] = rocksdict.WriteBatch(raw_mode=True)
