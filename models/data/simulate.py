@@ -100,6 +100,12 @@ DEFAULTS: dict[str, Any] = {
         "vpn_share": 0.05,           # desktop users on a corporate VPN (data-centre egress)
         "nat_share": {"mobile": 0.75, "app": 0.55},  # sessions through a carrier NAT gateway
     },
+    "bots": {
+        # share of each archetype's sessions carrying tz_offset_min (humans: humans.tz_known): the page's script
+        # reports the zone for bots driving real or headless browsers as for humans; a bare HTTP client sends none
+        "tz_known": {"bursty": 0.85, "low_slow": 0.9, "dc_rotation": 0.88, "resi_botnet": 0.9, "compromised": 0.9,
+                     "mimic": 0.9, "night": 0.9, "app_farm": 0.9},
+    },
     "catalog": {"advertisers": 30, "campaigns": [2, 5], "ads": [2, 6]},
     "network": {"carriers": 3, "nat_ips_per_100k": 12, "offices": 60, "campuses": 8, "dc_ranges": 64},
 }
@@ -233,6 +239,8 @@ def _check(sc: dict[str, Any]) -> None:
                 raise ValueError(f"unknown archetype {a!r} in slice {s}")
             if a == "compromised" and s.endswith(":out"):
                 raise ValueError("compromised accounts are logged in: only in ':in' slices")
+    if set(sc["bots"]["tz_known"]) != set(ARCHETYPES[1:]):
+        raise ValueError(f"bots.tz_known must name exactly the archetypes {ARCHETYPES[1:]}")
     if sc["drift"] and sc["drift"]["archetype"] not in ARCHETYPES[1:]:
         raise ValueError(f"unknown drift archetype {sc['drift']['archetype']!r}")
 
@@ -576,7 +584,7 @@ def _bursty(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> 
     ip_ent = np.where(r.random(n_ent) < 0.5, w.dc_ips(n_ent, w.botdc24), w.residential(n_ent))
     return {"ts": ts, "session": w.ids(k)[burst], "customer": _accounts(w, n_ent, li, *acc)[ent],
             "ip": ip_ent[ent], "ua": w.ua(plat, n_ent, scripted=True)[ent],
-            "tz": np.full(n, NO_TZ, dtype=np.int32), "ad": w.bot_ads(n, ent, 2)}
+            "tz": w.tz(n_ent)[ent], "ad": w.bot_ads(n, ent, 2)}
 
 
 def _low_slow(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> dict[str, np.ndarray]:
@@ -665,7 +673,7 @@ def _mimic(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> d
     ids = w.ids(k)
     return {"ts": start[sess] + offset, "session": ids[sess], "customer": _accounts(w, n_ent, li, *acc)[ent],
             "ip": w.residential(k)[sess], "ua": w.ua(plat, n_ent)[ent],
-            "tz": np.where(r.random(k) < 0.9, tz, NO_TZ)[sess].astype(np.int32), "ad": w.bot_ads(n, ent, 6)}
+            "tz": tz[sess], "ad": w.bot_ads(n, ent, 6)}
 
 
 def _night(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> dict[str, np.ndarray]:
@@ -905,6 +913,10 @@ def _bot_chunk(w: World, arch: str, n: int, plat: str, li: bool, t0: int | None,
         cols = _compromised(w, n, plat, li, t0, acc, cust)
     else:
         cols = GENERATORS[arch](w, n, plat, li, t0, acc)
+    # time-zone presence per session, at the archetype's rate (bots.tz_known)
+    _, sess = np.unique(cols["session"], return_inverse=True)
+    known = w.rng.random(int(sess.max()) + 1 if len(sess) else 0) < float(w.sc["bots"]["tz_known"][arch])
+    cols["tz"] = np.where(known[sess], cols["tz"], NO_TZ)
     return Chunk(ts=cols["ts"].astype(np.int64), session=cols["session"], customer=cols["customer"],
                  ip=cols["ip"].astype(np.uint32), ua=cols["ua"], tz=cols["tz"].astype(np.int32),
                  ad=cols["ad"].astype(np.int32), platform=PLATFORMS.index(plat),
