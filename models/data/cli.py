@@ -40,6 +40,46 @@ def import_talkingdata(
                f"(slices: {meta['slice_counts']})")
 
 
+@import_app.command("table")
+def import_table(
+    files: list[Path] = typer.Argument(..., exists=True, dir_okay=False, help="Click logs: CSV, TSV, JSON lines "  # noqa: B008
+                                       "(.jsonl) or Parquet; several files are read in the order given."),
+    mapping: str = typer.Option(..., "--map", "-m", help="How rows become clicks: key=value pairs "
+                                "(click_id=ID,ts=TIME,...) or a .toml/.json file (models/data/table.py)."),
+    purchases: list[Path] = typer.Option([], "--purchases", exists=True, dir_okay=False,  # noqa: B008
+                                         help="Purchase (conversion) logs, attributed to clicks by click id."),
+    purchases_map: str = typer.Option("", "--purchases-map", help="Mapping of the purchase files "
+                                      "(purchase_id=...,click_id=...,ts=...; optional customer_id, amount)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write."),  # noqa: B008
+    limit: int | None = typer.Option(None, help="Read only the first N click rows."),
+) -> None:
+    """Import your own click logs with your own column names into a dataset folder.
+
+    \b
+    Mapping values: a column name (ts=event_time), a template (session_id={ip}/{device}; {_row} is the row
+    number), or a constant (advertiser_id==acme). Options: ts_format (auto, epoch_s, epoch_ms, iso, or a
+    strftime format), ip_int_base, platform_rule (file only), purchase_flag + purchase_ts (purchases in the
+    click rows). Rows that cannot be imported are listed with their reason in DIR/rejects.jsonl.
+    Example (TalkingData): --map models/data/mappings/talkingdata.toml
+    """
+    from models.data.table import MappingError, import_table, parse_mapping
+
+    try:
+        meta = import_table(files, out, parse_mapping(mapping), purchases=purchases,
+                            purchase_mapping=parse_mapping(purchases_map), limit=limit)
+    except MappingError as e:
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(2) from None
+    c, rej = meta["counts"], meta["rejected"]
+    typer.echo(f"wrote {out}: {c['clicks']} clicks, {c['purchases']} purchases (slices: {meta['slice_counts']})")
+    if rej["rows"]:
+        typer.echo(f"rejected {rej['rows']} rows (listed in {out / 'rejects.jsonl'}):")
+        for reason, n in rej["reasons"].items():
+            typer.echo(f"  {n:8d}  {reason}")
+    else:
+        typer.echo("rejected 0 rows")
+
+
 def register(app: typer.Typer) -> None:
     """Add this area's commands to the ``slidr`` app."""
 
