@@ -96,6 +96,31 @@ def register(app: typer.Typer) -> None:
         for name, row in [("overall", ev["overall"]), *sorted(ev["slices"].items())]:
             typer.echo(f"{name:12s} " + " ".join(_fmt(row.get(c)) for c in cols))
 
+    @app.command("score")
+    def score_cmd(
+        model_dir: Path = typer.Argument(..., help="Calibrated model folder, or a registry folder (its ACTIVE "  # noqa: B008
+                                         "model)."),
+        data_dir: Path = typer.Argument(..., help="Dataset folder (labelled or not)."),  # noqa: B008
+        out: Path = typer.Option(..., "--out", help="Per-click scores and decisions: .csv or .parquet."),  # noqa: B008
+        as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    ) -> None:
+        """Score and decide every click of a dataset with the stream's own features, scorer and thresholds;
+        per-slice IVR (FPR where there are purchases, coverage where there are robotic clicks)."""
+        import orjson
+
+        from models.score import print_summary, score_dataset
+        from stream.scoring import ModelError
+
+        try:
+            summary = score_dataset(model_dir, data_dir, out)
+        except (ModelError, FileNotFoundError, ValueError) as e:
+            _fail(e)
+        if as_json:
+            typer.echo(orjson.dumps(summary, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+            return
+        print_summary(summary)
+        typer.echo(f"scores: {out}")
+
     @app.command("report")
     def report_cmd(
         model_dir: Path = typer.Argument(..., help="Calibrated model folder (the MLP)."),  # noqa: B008
