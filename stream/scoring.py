@@ -51,13 +51,50 @@ def active_model_dir(registry_path: Path) -> Path:
     return registry_path / active.read_text().strip()
 
 
-def _providers(wanted: str | Sequence[str]) -> list[str]:
+# Execution providers that live in a shared library of their own, loaded (with its CUDA/TensorRT dependencies)
+# when a session asks for them: onnxruntime-gpu lists them as available even where those libraries are missing,
+# then prints an error banner per provider and falls back to CPU.
+_PROVIDER_LIBS = {"CUDAExecutionProvider": "libonnxruntime_providers_cuda.so",
+                  "TensorrtExecutionProvider": "libonnxruntime_providers_tensorrt.so"}
+
+
+def _cannot_load(provider: str) -> str | None:
+    """Why ``provider`` cannot load on this machine (a short reason), or None when it can."""
+    import ctypes
+    import os
+
     import onnxruntime as ort
 
-    names = [p.strip() for p in wanted.split(",")] if isinstance(wanted, str) else list(wanted)
-    avail = set(ort.get_available_providers())
-    chosen = [p for p in names if p in avail]
-    return chosen or ["CPUExecutionProvider"]
+    if provider not in ort.get_available_providers():
+        return "not in this onnxruntime build"
+    lib = _PROVIDER_LIBS.get(provider)
+    if lib is None:
+        return None
+    capi = os.path.join(os.path.dirname(ort.__file__), "capi")
+    try:
+        ctypes.CDLL(os.path.join(capi, "libonnxruntime_providers_shared.so"), mode=ctypes.RTLD_GLOBAL)
+        ctypes.CDLL(os.path.join(capi, lib))
+    except OSError as e:  # e.g. "libcublasLt.so.13: cannot open shared object file: No such file or directory"
+        return str(e).split(": cannot open")[0].rpartition("/")[2] + " not found"
+    return None
+
+
+def _providers(wanted: str | Sequence[str]) -> tuple[list[str], str]:
+    """The asked providers that can load, in order (CPU last when not asked for), and why the first is used."""
+    names = [p.strip() for p in wanted.split(",") if p.strip()] if isinstance(wanted, str) else list(wanted)
+    chosen: list[str] = []
+    skipped: list[str] = []
+    for p in names:
+        why = _cannot_load(p)
+        if why is None:
+            chosen.append(p)
+        else:
+            skipped.append(f"{p} skipped: {why}")
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    reason = "; ".join(skipped) if skipped and chosen[0] == "CPUExecutionProvider" else \
+        ("first asked provider that loads" + (f" ({'; '.join(skipped)})" if skipped else ""))
+    return chosen, reason
 
 
 def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvider", *,
@@ -84,9 +121,12 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads  # small batches: one thread beats thread-pool wake-ups
     opts.inter_op_num_threads = 1
-    sess = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=_providers(providers))
-    active = sess.get_providers()[0]  # onnxruntime-gpu falls back to CPU silently: report what runs
-    log.info("model %s loaded on %s (asked for %s)", manifest.get("model_version"), active, providers)
+    chosen, why = _providers(providers)
+    sess = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=chosen)
+    active = sess.get_providers()[0]  # what runs, whatever was asked for
+    if active != chosen[0]:
+        why = f"{chosen[0]} failed to initialise (see onnxruntime's messages above)"
+    log.info("model %s scores on %s: %s", manifest.get("model_version"), active, why)
     return Model(
         version=str(manifest.get("model_version") or folder.name),
         folder=folder,

@@ -71,3 +71,22 @@ def test_decide_thresholds_per_slice(model_dir: Path) -> None:
     # the worker's hot path writes the dicts straight to the wire: the very bytes of the models
     dicts = scoring.decision_dicts(m, cs, scores, decided_at=cs[0].ts + 5, revision=2)
     assert [orjson.dumps(x) for x in dicts] == [d.to_json() for d in ds]
+
+
+def test_only_providers_that_load_are_asked_for(model_dir: Path, capfd: pytest.CaptureFixture[str],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's default providers: nothing from onnxruntime on stderr/stdout (its "EP Error" banners and
+    "Failed to load library" lines where CUDA/TensorRT libraries are missing), one log line naming the provider
+    that scores and why."""
+    import logging
+
+    from slidr.settings import Settings
+
+    with caplog.at_level(logging.INFO, logger="stream.scoring"):
+        m = scoring.load_model(model_dir, Settings().onnx_providers)
+    out, err = capfd.readouterr()
+    assert "EP Error" not in out + err and "Failed to load" not in out + err, out + err
+    lines = [r.getMessage() for r in caplog.records if "scores on" in r.getMessage()]
+    assert lines == [lines[0]] and f"scores on {m.provider}: " in lines[0]
+    if m.provider == "CPUExecutionProvider":  # no GPU stack here: each skipped provider says why
+        assert "CUDAExecutionProvider skipped: " in lines[0]
