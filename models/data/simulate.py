@@ -9,8 +9,8 @@ The world:
 - humans: logged-in customers (RFM profile, heavy-tailed activity, so some busy humans click a lot) and
   anonymous visitors; sessions of a few clicks with log-normal gaps; diurnal and weekly rhythms in the
   visitor's local time that differ by slice (a few % of devices abroad, in other zones); home IPs, carrier
-  NAT / office / campus gateways shared by many humans, and some corporate-VPN humans on data-centre IPs
-  (so the data-centre flag alone is not decisive);
+  NAT / office / campus gateways shared by many humans, and some corporate- and consumer-VPN humans on
+  data-centre exits, in the very ranges the bots rent (so the data-centre flag alone is not decisive);
 - purchases after a few % of human clicks (more for high-RFM customers), minutes to hours later; purchases
   falling into a label outage window are dropped (and the window recorded in meta.json);
 - bots (archetypes below), essentially never purchasing (``purchase.bot_accident_rate``);
@@ -97,7 +97,7 @@ DEFAULTS: dict[str, Any] = {
         "tz_known": 0.9,             # share of clicks carrying tz_offset_min
         "tz_abroad": 0.03,           # travellers and expatriates: a device clock in a foreign zone (ABROAD_TZ)
         "office_share": 0.22,        # desktop users with an office gateway (used in working hours)
-        "vpn_share": 0.05,           # desktop users on a corporate VPN (data-centre egress)
+        "vpn_share": 0.08,           # users on a corporate or consumer VPN (data-centre exits shared with bots)
         "nat_share": {"mobile": 0.75, "app": 0.55},  # sessions through a carrier NAT gateway
     },
     "bots": {
@@ -186,6 +186,7 @@ PLACEMENTS = {
 RESIDENTIAL_OCTETS = np.array([24, 47, 67, 68, 69, 71, 73, 75, 76, 96, 97, 98, 99, 108, 173])
 CARRIER_OCTETS = np.array([172, 174, 166])  # one per carrier
 OFFICE_OCTETS = np.array([12, 63, 65, 192])
+VPN_EXITS = 4  # exit addresses per VPN range
 DC_OCTETS = np.array([3, 13, 18, 34, 35, 45, 52, 54, 104, 138, 139, 143, 157, 159, 167, 178])
 
 
@@ -358,6 +359,11 @@ class World:
         r.shuffle(self.dc24)
         n_vpn = max(2, len(self.dc24) // 8)
         self.vpn24, self.botdc24 = self.dc24[:n_vpn], self.dc24[n_vpn:]
+        # VPN exits: a few fixed addresses in each data-centre /24 (the bots' ranges included), each shared by
+        # many humans; a provider or company has one range, bigger ones carry more people (Zipf-like)
+        self.vpn_exits = self.dc24[:, None] | r.integers(2, 254, size=(len(self.dc24), VPN_EXITS), dtype=np.uint32)
+        vw = 1.0 / np.arange(1, len(self.dc24) + 1) ** 0.6
+        self.vpn_w = vw / vw.sum()
 
     def dc_ips(self, n: int, ranges: np.ndarray) -> np.ndarray:
         base = self.rng.choice(ranges, size=n)
@@ -486,7 +492,8 @@ class People:
     """Per-user attributes shared by customers (all platforms) and visitors (one platform)."""
 
     home: np.ndarray     # uint32 home IP
-    office: np.ndarray   # uint32 office/campus/VPN IP, 0 = none
+    office: np.ndarray   # uint32 office/campus IP, 0 = none
+    vpn: np.ndarray      # int index into World.dc24 of the person's VPN range, -1 = none
     carrier: np.ndarray  # int
     tz: np.ndarray       # int32
     ua: np.ndarray       # int (n, 3): user agent index per platform
@@ -501,9 +508,10 @@ def _people(w: World, n: int) -> People:
     # offices/campuses: many humans share one gateway, popularity Zipf-like
     ow = 1.0 / np.arange(1, len(w.offices) + 1) ** 0.6
     office[is_office] = r.choice(w.offices, size=int(is_office.sum()), p=ow / ow.sum())
-    office[is_vpn] = w.dc_ips(int(is_vpn.sum()), w.vpn24[: max(1, len(w.vpn24) // 2)]) & np.uint32(0xFFFFFF00) | 1
+    vpn = np.full(n, -1, dtype=np.int64)
+    vpn[is_vpn] = r.choice(len(w.dc24), size=int(is_vpn.sum()), p=w.vpn_w)
     return People(
-        home=w.residential(n), office=office, carrier=r.integers(0, len(w.nat), size=n),
+        home=w.residential(n), office=office, vpn=vpn, carrier=r.integers(0, len(w.nat), size=n),
         tz=w.human_tz(n), ua=r.integers(0, 1_000_000, size=(n, 3)),
     )
 
@@ -531,12 +539,15 @@ def _humans(w: World, n: int, plat_i: int, logged_in: bool, cust: Customers, cpe
     tz = people.tz[user]
     hourly = np.roll(HOURLY[plat], int(slice_shift))
     start, hour = w.times(k, hourly, WEEKLY[plat], tz)
-    # IP per session: carrier NAT (mobile/app), office in working hours, corporate VPN, else home
+    # IP per session: carrier NAT (mobile/app), office in working hours, VPN (working hours and 70% of the
+    # rest, through one of its range's exits), else home
     ip = people.home[user].copy()
     office = people.office[user]
-    at_work = (office > 0) & (hour >= 8) & (hour < 19)
-    is_vpn = (office & np.uint32(0xFF)) == 1
-    ip = np.where(at_work | (is_vpn & (r.random(k) < 0.7)), office, ip)
+    work_hours = (hour >= 8) & (hour < 19)
+    ip = np.where((office > 0) & work_hours, office, ip)
+    vpn = people.vpn[user]
+    exit_ip = w.vpn_exits[np.maximum(vpn, 0), r.integers(0, VPN_EXITS, size=k)]
+    ip = np.where((vpn >= 0) & (work_hours | (r.random(k) < 0.7)), exit_ip, ip)
     if plat in h["nat_share"]:
         nat = r.random(k) < h["nat_share"][plat]
         gw = np.empty(k, dtype=np.uint32)
