@@ -410,6 +410,11 @@ class World:
         lst = (SCRIPTED_UA if scripted else UA)[plat]
         return np.array(lst, dtype=object)[self.rng.integers(0, len(lst), size=n)]
 
+    def mixed_ua(self, plat: str, n: int, scripted_share: float) -> np.ndarray:
+        """n user agents, each scripted with probability ``scripted_share`` (one per run / operation)."""
+        scripted = self.rng.random(n) < scripted_share
+        return np.where(scripted, self.ua(plat, n, scripted=True), self.ua(plat, n))
+
 
 def _fit(sizes: np.ndarray, n: int) -> np.ndarray:
     """The leading group sizes that add up to exactly n (the last one cut, or one more group added)."""
@@ -630,7 +635,7 @@ def _dc_rotation(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any
     sess -= sess[0]
     k = int(sess[-1]) + 1
     return {"ts": ts, "session": w.ids(k)[sess], "customer": _accounts(w, n_ops, li, *acc)[op],
-            "ip": w.dc_ips(k, w.botdc24)[sess], "ua": w.ua(plat, n_ops, scripted=r.random() < 0.5)[op],
+            "ip": w.dc_ips(k, w.botdc24)[sess], "ua": w.mixed_ua(plat, n_ops, 0.5)[op],
             "tz": np.zeros(n, dtype=np.int32), "ad": w.bot_ads(n, op, 3)}
 
 
@@ -668,7 +673,7 @@ def _compromised(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any
     ts = w.uniform_times(k, t0)[run] + cum - np.repeat(cum[first], sizes)
     ip = np.where(r.random(k) < 0.6, w.dc_ips(k, w.botdc24), w.residential(k))
     return {"ts": ts, "session": w.ids(k)[run], "customer": cust.ids[victims[v_of_run]][run],
-            "ip": ip[run], "ua": w.ua(plat, k, scripted=r.random() < 0.3)[run], "tz": w.tz(k)[run],
+            "ip": ip[run], "ua": w.mixed_ua(plat, k, 0.3)[run], "tz": w.tz(k)[run],
             "ad": w.bot_ads(n, run, 3)}
 
 
