@@ -106,6 +106,11 @@ DEFAULTS: dict[str, Any] = {
         "tz_known": {"bursty": 0.85, "low_slow": 0.9, "dc_rotation": 0.88, "resi_botnet": 0.9, "compromised": 0.9,
                      "mimic": 0.9, "night": 0.9, "app_farm": 0.9},
     },
+    # bots' target ads (price-weighted, price squared): each day a share of the bot entities moves to new targets
+    # (budgets run out, rules block an ad), and from day 1 on each day brings `new_ads_per_day` (share of the
+    # catalogue) ads no bot could target before; a moving entity takes each of its targets among that day's new
+    # ads with probability `new_ad_pick`. All 0: every entity keeps the targets it drew on its first day.
+    "targets": {"rotate_share": 0.0, "new_ads_per_day": 0.0, "new_ad_pick": 0.0},
     "catalog": {"advertisers": 30, "campaigns": [2, 5], "ads": [2, 6]},
     "network": {"carriers": 3, "nat_ips_per_100k": 12, "offices": 60, "campuses": 8, "dc_ranges": 64},
 }
@@ -326,16 +331,46 @@ class World:
         self.ad_pop /= self.ad_pop.sum()
         rich = self.ad_cpc ** 2  # bots prefer expensive clicks
         self.ad_rich = rich / rich.sum()
+        # first day bots may target each ad (targets.new_ads_per_day of the catalogue opens each day from day 1)
+        self.n_days = max(1, math.ceil(self.days))
+        self.ad_bot_day = np.zeros(n_ads, dtype=np.int64)
+        per_day = round(float(self.sc["targets"]["new_ads_per_day"]) * n_ads)
+        for d in range(1, self.n_days):
+            free = np.flatnonzero(self.ad_bot_day == 0)
+            if per_day and len(free) > per_day:
+                self.ad_bot_day[r.choice(free, size=per_day, replace=False)] = d
 
     def human_ads(self, n: int) -> np.ndarray:
         return self.rng.choice(len(self.ad_pop), size=n, p=self.ad_pop).astype(np.int32)
 
-    def bot_ads(self, n: int, ent: np.ndarray, k: int = 3) -> np.ndarray:
-        """Each bot entity targets k ads drawn by price; its clicks pick among those."""
-        n_ent = int(ent.max()) + 1 if len(ent) else 0
-        targets = self.rng.choice(len(self.ad_rich), size=(max(n_ent, 1), k), p=self.ad_rich)
-        pick = self.rng.integers(0, k, size=n)
-        return targets[ent, pick].astype(np.int32)
+    def bot_ads(self, ent: np.ndarray, ts: np.ndarray, k: int = 3) -> np.ndarray:
+        """Each bot entity targets k ads drawn by price; its clicks (at times ``ts``) pick among those.
+
+        An entity draws its targets on its first day and again on each later day it moves (probability
+        ``targets.rotate_share`` per day), among the ads open to bots that day, taking that day's new ads with
+        probability ``targets.new_ad_pick`` per target.
+        """
+        r, tg, nd = self.rng, self.sc["targets"], self.n_days
+        n, n_ent = len(ent), (int(ent.max()) + 1 if len(ent) else 1)
+        n_ads = len(self.ad_rich)
+        day = np.clip((np.asarray(ts, dtype=np.int64) - self.start_ms) // DAY_MS, 0, nd - 1)
+        first = np.full(n_ent, nd - 1, dtype=np.int64)
+        np.minimum.at(first, ent, day)
+        moved = r.random((n_ent, nd)) < float(tg["rotate_share"])
+        moved[np.arange(n_ent), first] = True
+        draw_day = np.maximum.accumulate(np.where(moved, np.arange(nd), -1), axis=1)  # day of the current targets
+        targets = np.empty((nd, n_ent, k), dtype=np.int64)
+        for d in range(nd):
+            p = np.where(self.ad_bot_day <= d, self.ad_rich, 0.0)
+            t = r.choice(n_ads, size=(n_ent, k), p=p / p.sum())
+            new = (self.ad_bot_day == d) & (d > 0)
+            if new.any():
+                take = r.random((n_ent, k)) < float(tg["new_ad_pick"])
+                pn = np.where(new, self.ad_rich, 0.0)
+                t[take] = r.choice(n_ads, size=int(take.sum()), p=pn / pn.sum())
+            targets[d] = t
+        pick = r.integers(0, k, size=n)
+        return targets[np.maximum(draw_day[ent, day], 0), ent, pick].astype(np.int32)
 
     # ---- addresses ---------------------------------------------------------------------------------------------
     def _addr(self, octets: np.ndarray, n: int) -> np.ndarray:
@@ -600,7 +635,7 @@ def _bursty(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> 
     ip_ent = np.where(r.random(n_ent) < 0.5, w.dc_ips(n_ent, w.botdc24), w.residential(n_ent))
     return {"ts": ts, "session": w.ids(k)[burst], "customer": _accounts(w, n_ent, li, *acc)[ent],
             "ip": ip_ent[ent], "ua": w.ua(plat, n_ent, scripted=True)[ent],
-            "tz": w.tz(n_ent)[ent], "ad": w.bot_ads(n, ent, 2)}
+            "tz": w.tz(n_ent)[ent], "ad": w.bot_ads(ent, ts, 2)}
 
 
 def _low_slow(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> dict[str, np.ndarray]:
@@ -620,7 +655,7 @@ def _low_slow(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -
     ts = np.clip(ts, lo, w.end_ms - 1)
     tz = w.tz(k)
     return {"ts": ts, "session": w.ids(k)[ent], "customer": _accounts(w, k, li, *acc)[ent],
-            "ip": w.residential(k)[ent], "ua": w.ua(plat, k)[ent], "tz": tz[ent], "ad": w.bot_ads(n, ent, 4)}
+            "ip": w.residential(k)[ent], "ua": w.ua(plat, k)[ent], "tz": tz[ent], "ad": w.bot_ads(ent, ts, 4)}
 
 
 def _dc_rotation(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> dict[str, np.ndarray]:
@@ -636,7 +671,7 @@ def _dc_rotation(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any
     k = int(sess[-1]) + 1
     return {"ts": ts, "session": w.ids(k)[sess], "customer": _accounts(w, n_ops, li, *acc)[op],
             "ip": w.dc_ips(k, w.botdc24)[sess], "ua": w.mixed_ua(plat, n_ops, 0.5)[op],
-            "tz": np.zeros(n, dtype=np.int32), "ad": w.bot_ads(n, op, 3)}
+            "tz": np.zeros(n, dtype=np.int32), "ad": w.bot_ads(op, ts, 3)}
 
 
 def _resi_botnet(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> dict[str, np.ndarray]:
@@ -654,7 +689,7 @@ def _resi_botnet(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any
     ts = np.minimum(ts, w.end_ms - 1)
     return {"ts": ts, "session": w.ids(k)[dev], "customer": _accounts(w, n_nets, li, *acc)[net],
             "ip": w.residential(k)[dev], "ua": w.ua(plat, k)[dev], "tz": w.tz(k)[dev],
-            "ad": w.bot_ads(n, net, 2)}
+            "ad": w.bot_ads(net, ts, 2)}
 
 
 def _compromised(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any, cust: Customers
@@ -674,7 +709,7 @@ def _compromised(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any
     ip = np.where(r.random(k) < 0.6, w.dc_ips(k, w.botdc24), w.residential(k))
     return {"ts": ts, "session": w.ids(k)[run], "customer": cust.ids[victims[v_of_run]][run],
             "ip": ip[run], "ua": w.mixed_ua(plat, k, 0.3)[run], "tz": w.tz(k)[run],
-            "ad": w.bot_ads(n, run, 3)}
+            "ad": w.bot_ads(run, ts, 3)}
 
 
 def _mimic(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> dict[str, np.ndarray]:
@@ -687,9 +722,10 @@ def _mimic(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> d
     start, _ = w.times(k, HOURLY[plat], WEEKLY[plat], tz, t0)
     ent = ent_of_sess[sess]
     ids = w.ids(k)
-    return {"ts": start[sess] + offset, "session": ids[sess], "customer": _accounts(w, n_ent, li, *acc)[ent],
+    ts = start[sess] + offset
+    return {"ts": ts, "session": ids[sess], "customer": _accounts(w, n_ent, li, *acc)[ent],
             "ip": w.residential(k)[sess], "ua": w.ua(plat, n_ent)[ent],
-            "tz": tz[sess], "ad": w.bot_ads(n, ent, 6)}
+            "tz": tz[sess], "ad": w.bot_ads(ent, ts, 6)}
 
 
 def _night(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> dict[str, np.ndarray]:
@@ -701,9 +737,10 @@ def _night(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> d
     tz = w.tz(n_ent)[ent_of_sess]
     start, _ = w.times(k, NIGHT_HOURLY, np.ones(7), tz, t0)
     ent = ent_of_sess[sess]
-    return {"ts": start[sess] + offset, "session": w.ids(n_ent)[ent], "customer": _accounts(w, n_ent, li, *acc)[ent],
+    ts = start[sess] + offset
+    return {"ts": ts, "session": w.ids(n_ent)[ent], "customer": _accounts(w, n_ent, li, *acc)[ent],
             "ip": w.residential(n_ent)[ent], "ua": w.ua(plat, n_ent)[ent], "tz": tz[sess].astype(np.int32),
-            "ad": w.bot_ads(n, ent, 3)}
+            "ad": w.bot_ads(ent, ts, 3)}
 
 
 def _app_farm(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> dict[str, np.ndarray]:
@@ -720,7 +757,7 @@ def _app_farm(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -
     tz_dev = np.where(r.random(k) < 0.55, FARM_TZ, w.tz(k)).astype(np.int32)
     return {"ts": ts, "session": w.ids(k)[dev], "customer": _accounts(w, n_farms, li, *acc)[farm],
             "ip": farm_ips[farm, r.integers(0, 3, size=n)], "ua": w.ua(plat, k)[dev],
-            "tz": tz_dev[dev], "ad": w.bot_ads(n, farm, 2)}
+            "tz": tz_dev[dev], "ad": w.bot_ads(farm, ts, 2)}
 
 
 GENERATORS = {"bursty": _bursty, "low_slow": _low_slow, "dc_rotation": _dc_rotation, "resi_botnet": _resi_botnet,
