@@ -134,6 +134,7 @@ WEEKLY = {
     "mobile": np.array([0.9, 0.9, 0.9, 0.95, 1.05, 1.25, 1.2]),
     "app": np.array([0.85, 0.85, 0.9, 0.95, 1.1, 1.35, 1.3]),
 }
+HUMAN_OUT_SHIFT_H = 1  # logged-out humans' diurnal curve runs an hour later than logged-in ones'
 NIGHT_HOURLY = np.where(_H < 5, 1.0, 0.0) + np.where(_H == 5, 0.3, 0.0)
 FLAT_HOURLY = np.ones(24)
 
@@ -719,7 +720,8 @@ def _mimic(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any) -> d
     n_ent = max(1, k // 25)  # each bot runs ~25 sessions over the window
     ent_of_sess = r.integers(0, n_ent, size=k)
     tz = w.tz(n_ent)[ent_of_sess]
-    start, _ = w.times(k, HOURLY[plat], WEEKLY[plat], tz, t0)
+    hourly = np.roll(HOURLY[plat], 0 if li else HUMAN_OUT_SHIFT_H)  # the rhythm of the slice's humans
+    start, _ = w.times(k, hourly, WEEKLY[plat], tz, t0)
     ent = ent_of_sess[sess]
     ids = w.ids(k)
     ts = start[sess] + offset
@@ -855,7 +857,8 @@ def simulate(scenario: str | Path | dict[str, Any] = "default", seed: int = 0, *
         plat_i, li = PLATFORMS.index(plat), side == "in"
         n_s = per_slice[s]
         n_bot = round(n_s * sc["slices"][s]["bot_share"])
-        chunks.append(_humans(w, n_s - n_bot, plat_i, li, cust, cpeople, slice_shift=0 if li else 1))
+        chunks.append(_humans(w, n_s - n_bot, plat_i, li, cust, cpeople,
+                              slice_shift=0 if li else HUMAN_OUT_SHIFT_H))
         n_drift = 0
         if drift and s in drift.get("slices", {}) and drift_t0 is not None and drift_t0 < w.end_ms:
             n_drift = int(n_bot * float(drift["slices"][s]) * (w.end_ms - drift_t0) / w.span_ms)
