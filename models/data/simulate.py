@@ -96,6 +96,7 @@ DEFAULTS: dict[str, Any] = {
         "visitor_sessions_mean": 1.6,  # sessions per anonymous visitor
         "tz_known": 0.9,             # share of clicks carrying tz_offset_min
         "tz_abroad": 0.03,           # travellers and expatriates: a device clock in a foreign zone (ABROAD_TZ)
+        "tz_utc": 0.02,              # privacy-hardened browsers (Tor, Firefox resistFingerprinting ...) report UTC
         "office_share": 0.22,        # desktop users with an office gateway (used in working hours)
         "vpn_share": 0.08,           # users on a corporate or consumer VPN (data-centre exits shared with bots)
         "nat_share": {"mobile": 0.75, "app": 0.55},  # sessions through a carrier NAT gateway
@@ -436,10 +437,14 @@ class World:
         return self.rng.choice(TZ_CHOICES, size=n, p=TZ_P).astype(np.int32)
 
     def human_tz(self, n: int) -> np.ndarray:
-        """Humans' device zones: the market's (``tz``), a share abroad (travellers, expatriates)."""
+        """Humans' device zones: the market's (``tz``), a share abroad (travellers, expatriates), a share
+        reporting UTC (privacy-hardened browsers, as cloud machines' clocks do)."""
+        h = self.sc["humans"]
         tz = self.tz(n)
-        abroad = self.rng.random(n) < self.sc["humans"]["tz_abroad"]
+        u = self.rng.random(n)
+        abroad = u < h["tz_abroad"]
         tz[abroad] = self.rng.choice(ABROAD_TZ, size=int(abroad.sum()))
+        tz[(u >= h["tz_abroad"]) & (u < h["tz_abroad"] + h["tz_utc"])] = 0
         return tz
 
     def ua(self, plat: str, n: int, scripted: bool = False) -> np.ndarray:
