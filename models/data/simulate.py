@@ -49,6 +49,11 @@ HOUR_MS = 3_600_000
 MIN_MS = 60_000
 NO_TZ = -9999  # sentinel for "tz_offset_min unknown" in the int column
 
+# version of the simulated world, in meta.json ("simulator_version"); bumped whenever the same scenario and seed
+# give different traffic. 2 (issue 17): no one-field giveaways (time zones, VPN exits shared with bots,
+# scripted user agents per run), target rotation, mimic's diurnal curve
+SIMULATOR_VERSION = 2
+
 ARCHETYPES = ("human", "bursty", "low_slow", "dc_rotation", "resi_botnet", "compromised", "mimic", "night",
               "app_farm")
 
@@ -952,7 +957,8 @@ def simulate(scenario: str | Path | dict[str, Any] = "default", seed: int = 0, *
                  for x in sorted(w.dc24.tolist())]
     slice_idx = (plat_col.astype(np.int8) * 2 + (~li_col).astype(np.int8)).astype(np.int8)
     meta = {
-        "source": "simulator", "scenario": sc["name"], "seed": seed, "start_ms": w.start_ms, "days": sc["days"],
+        "source": "simulator", "simulator_version": SIMULATOR_VERSION, "scenario": sc["name"], "seed": seed,
+        "start_ms": w.start_ms, "days": sc["days"],
         "end_ms": w.end_ms,
         "counts": {"clicks": n, "purchases": len(sel), "customers": len(customers), "ip_ranges": len(ip_ranges),
                    "truth": n},
