@@ -163,8 +163,14 @@ def calibrate_dir(model_dir: Path, data_dir: Path, budget: float | None = None, 
         raise ValueError(f"unknown calibration method {method!r}: slice | global")
     cal["calibrated_on"] = {"data_dir": str(data_dir), "split": "val", "rows": int(va.sum())}
     write_json(model_dir / CALIBRATION, cal)
-    _refresh_manifest(model_dir, calibration={"method": cal["method"], "fpr_budget": cal["fpr_budget"],
-                                              "validation": cal["validation"]["overall"]})
+    # thresholds are part of the model: a recalibrated model gets its own version, from its trained version and
+    # the calibration's content (the registry refuses a version it holds with other files)
+    trained = read_json(model_dir / MANIFEST).get("trained_version") or read_json(model_dir / MANIFEST)[
+        "model_version"]
+    _refresh_manifest(model_dir, trained_version=trained,
+                      model_version=f"{trained}.cal-{sha256_file(model_dir / CALIBRATION)[:8]}",
+                      calibration={"method": cal["method"], "fpr_budget": cal["fpr_budget"],
+                                   "validation": cal["validation"]["overall"]})
     return cal
 
 

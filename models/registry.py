@@ -49,6 +49,17 @@ def verify(model_dir: Path) -> dict[str, object]:
     return dict(manifest)
 
 
+def check_version(v: object, what: str = "model version") -> str:
+    """Versions become folder names: a plain name only (``stream.scoring.check_version``), else RegistryError."""
+    from stream.scoring import ModelError
+    from stream.scoring import check_version as check
+
+    try:
+        return check(v, what)
+    except ModelError as e:
+        raise RegistryError(str(e)) from None
+
+
 def _root(settings: Settings | None) -> Path:
     return (settings or get_settings()).registry_path
 
@@ -60,7 +71,8 @@ def _write_pointer(path: Path, version: str) -> None:
 
 
 def _read_pointer(path: Path) -> str | None:
-    return path.read_text().strip() or None if path.exists() else None
+    v = path.read_text().strip() or None if path.exists() else None
+    return None if v is None else check_version(v, str(path))
 
 
 def publish(model_dir: Path, settings: Settings | None = None, *, activate: bool = True,
@@ -70,12 +82,15 @@ def publish(model_dir: Path, settings: Settings | None = None, *, activate: bool
     ``activate`` points ACTIVE at it; ``stable`` (or no STABLE yet) points STABLE at it too.
     """
     manifest = verify(Path(model_dir))
-    version = str(manifest["model_version"])
+    version = check_version(manifest.get("model_version"), f"{model_dir}: manifest model_version")
     root = _root(settings)
     dest = root / version
     root.mkdir(parents=True, exist_ok=True)
     if dest.exists():
-        verify(dest)  # same version already published: must be intact
+        published = verify(dest)  # same version already published: must be intact, and the same model
+        if published.get("sha256") != manifest.get("sha256"):
+            raise RegistryError(f"version {version} is already in the registry with other files (a recalibrated "
+                                f"model gets a version of its own: slidr calibrate gives it one)")
     else:
         tmp = root / f".{version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -116,6 +131,8 @@ def active_model_dir(settings: Settings | None = None) -> Path:
 def mark_stable(version: str | None = None, settings: Settings | None = None) -> str:
     """Point STABLE at ``version`` (default: the active one), e.g. after it served well."""
     v = version or active_version(settings)
+    if v is not None:
+        check_version(v)
     if v is None or not (_root(settings) / v).is_dir():
         raise RegistryError(f"cannot mark {v!r} stable: not in the registry")
     _write_pointer(_root(settings) / STABLE, v)

@@ -82,7 +82,6 @@ FEATURE_SPEC: dict[str, Any] = {
     "missing_profile": [-1.0, 0.0, -1.0, -1.0],
     "ip_key": "canonical IPv4 (IPv4-mapped IPv6 as IPv4), IPv6 by its /64; ranges /24 and /48",
 }
-FEATURE_SPEC_HASH = hashlib.sha256(orjson.dumps(FEATURE_SPEC, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 class ClickLike(Protocol):
@@ -373,3 +372,41 @@ def featurize(clicks: Iterable[ClickLike], profiles: Mapping[str, bytes | str]) 
     if not rows:
         return np.zeros((0, N_FEATURES), dtype=np.float32)
     return np.asarray(rows, dtype=np.float32)
+
+
+# --- the spec hash ----------------------------------------------------------------------------------------
+def _probe() -> tuple[list[Any], dict[str, bytes]]:
+    """A fixed set of clicks (three users on two IPs, bursts and long gaps, a late click, a key idle past the TTL,
+    time zones, platforms, logged in and out) and profiles, whose features enter the spec hash."""
+    from types import SimpleNamespace
+
+    t0 = 1_762_000_000_000
+    steps = [0, 1, 2, 30, 61, 600, 3_700, 3_701, 90_000, 90_001, 90_002, 200_000]
+    out = []
+    for i in range(36):
+        u = i % 3
+        ts = t0 + steps[i % len(steps)] * 1000 + (i // len(steps)) * 7_000 - (5 * 60_000 if i == 20 else 0)
+        cust = f"k{u}" if u != 2 else None
+        ip = "10.1.2.3" if i % 2 else "192.0.2.77"
+        out.append(SimpleNamespace(
+            click_id=f"p{i}", ts=ts, ip=ip, ip_key=ip, session_id=f"s{u}", customer_id=cust,
+            logged_in=cust is not None, platform=PLATFORMS[i % 3], tz_offset_min=(60 * (i % 5) - 120) or None,
+            user_key=f"c:{cust}" if cust else f"s:s{u}"))
+    out.sort(key=lambda c: c.ts)
+    profiles = build_profiles([{"customer_id": "k0", "rfm_score": 0.8, "account_age_days": 400}],
+                              [{"prefix": "10.1.2.0/24", "datacenter": True}])
+    return out, profiles
+
+
+def compute_spec_hash() -> str:
+    """sha256 of the spec's canonical JSON and of the features the code computes for a fixed set of clicks
+    (rounded to 5 decimals, so a last-bit difference of a C library cannot move it): a change to a feature
+    function moves the hash even when no constant in the spec changed, and a model trained on other features is
+    refused (``stream.scoring.load_model``)."""
+    clicks, profiles = _probe()
+    h = hashlib.sha256(orjson.dumps(FEATURE_SPEC, option=orjson.OPT_SORT_KEYS))
+    h.update(np.round(featurize(clicks, profiles).astype(np.float64), 5).tobytes())
+    return h.hexdigest()
+
+
+FEATURE_SPEC_HASH = compute_spec_hash()

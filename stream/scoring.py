@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,12 +44,22 @@ class Model:
         return self.thresholds.get(slice_, self.default_threshold)
 
 
+VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
+
+
+def check_version(v: object, what: str) -> str:
+    """A model version is a plain name (it becomes a folder name): letters, digits, ``._+-``, no ``..``."""
+    if not isinstance(v, str) or not VERSION_RE.fullmatch(v) or ".." in v:
+        raise ModelError(f"{what} is not a plain version name: {str(v)[:80]!r}")
+    return v
+
+
 def active_model_dir(registry_path: Path) -> Path:
     """The folder of the registry's active model (``ACTIVE`` names the version)."""
     active = registry_path / "ACTIVE"
     if not active.exists():
         raise ModelError(f"no active model: {active} does not exist (train and activate one first)")
-    return registry_path / active.read_text().strip()
+    return registry_path / check_version(active.read_text().strip(), f"{active}")
 
 
 # Execution providers that live in a shared library of their own, loaded (with its CUDA/TensorRT dependencies)
@@ -115,9 +126,14 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
             f"model {folder} was trained on feature spec {spec!r} but this stream computes "
             f"{FEATURE_SPEC_HASH!r} ({len(FEATURE_NAMES)} features): retrain or deploy the matching code"
         )
-    want = manifest.get("sha256", {}).get("model.onnx")
-    if want and hashlib.sha256(onnx_bytes).hexdigest() != want:
-        raise ModelError(f"model {folder}: model.onnx does not match the sha256 in its manifest")
+    check_version(manifest.get("model_version"), f"model {folder}: manifest model_version")
+    digests = manifest.get("sha256") or {}
+    for name, raw in (("model.onnx", onnx_bytes), ("calibration.json", (folder / "calibration.json").read_bytes())):
+        want = digests.get(name)
+        if not want:
+            raise ModelError(f"model {folder}: its manifest lists no sha256 for {name}: refusing an unverified file")
+        if hashlib.sha256(raw).hexdigest() != want:
+            raise ModelError(f"model {folder}: {name} does not match the sha256 in its manifest")
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads  # small batches: one thread beats thread-pool wake-ups
     opts.inter_op_num_threads = 1

@@ -58,11 +58,13 @@ def build(folder: Path, *, version: str = "toy-1", threshold: float = 0.7, bias:
     (folder / "model.onnx").write_bytes(raw)
     calib = {"method": "slice", "default_threshold": threshold,
              "thresholds": {s: threshold for s in SLICES}, "fpr_budget": 0.01}
-    (folder / "calibration.json").write_bytes(orjson.dumps(calib))
+    cal_raw = orjson.dumps(calib)
+    (folder / "calibration.json").write_bytes(cal_raw)
     manifest = {"model_version": version, "kind": "toy-logistic", "feature_spec_hash": feature_spec_hash,
                 "feature_names": list(FEATURE_NAMES), "created_at": int(time.time() * 1000),
                 "training_window": None, "metrics": {}, "config": {"weights": _WEIGHTS},
-                "sha256": {"model.onnx": hashlib.sha256(raw).hexdigest()}}
+                "sha256": {"model.onnx": hashlib.sha256(raw).hexdigest(),
+                           "calibration.json": hashlib.sha256(cal_raw).hexdigest()}}
     (folder / "manifest.json").write_bytes(orjson.dumps(manifest))
     return folder
 
