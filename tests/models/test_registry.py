@@ -80,12 +80,12 @@ def test_load_model_verifies_every_file(tmp_path: Path) -> None:
     d = toymodel.build(tmp_path / "toy", version="toy-9")
     load_model(d)
     (d / "calibration.json").write_bytes(b'{"default_threshold": 0.0}')  # every click invalid
-    with pytest.raises(ModelError, match="calibration.json does not match"):
+    with pytest.raises(ModelError, match=r"calibration\.json does not match"):
         load_model(d)
     m = orjson.loads((d / "manifest.json").read_bytes())
     del m["sha256"]["calibration.json"]
     (d / "manifest.json").write_bytes(orjson.dumps(m))
-    with pytest.raises(ModelError, match="no sha256 for calibration.json"):
+    with pytest.raises(ModelError, match=r"no sha256 for calibration\.json"):
         load_model(d)
 
 
