@@ -361,3 +361,74 @@ def test_broker_stop_start_under_load(kenv: Any, services: Any) -> None:
     assert acc["duplicates"] < len(clicks) // 2
     _check_counters(kenv, clicks)
 
+
+
+# --- records on the way out (issue 16, item 4) -----------------------------------------------------------
+def _max_click(i: int, ts: int) -> Click:
+    """A click at the schema's maximum field sizes (multi-byte text where text is free), from one IP."""
+    return Click(click_id=f"m{i:05d}-" + "x" * 57, ts=ts, ip="198.51.100.200",
+                 session_id=f"s{i % 40}-".ljust(128, "€"), platform="app", ad_id="a" * 64, campaign_id="c" * 64,
+                 advertiser_id="v" * 64, placement="€" * 64, user_agent="€" * 512, cpc=0.5, tz_offset_min=60)
+
+
+def test_a_burst_of_maximum_size_clicks_from_one_ip_is_all_decided(kenv: Any) -> None:
+    """2,000 clicks at the schema's maximum field sizes (~2.6 KB each) from one IP in one burst: by-ip and feature-log
+    records are bounded by bytes (512 KiB), so none exceeds Kafka's 1 MB limit (a count bound let one by-ip record
+    of 512 such clicks reach ~1.5 MB)."""
+    s = kenv.settings
+    toymodel.build_registry(s.registry_path, version="toy-it", threshold=0.7)
+    clicks = [_max_click(i, 1_700_000_000_000 + i) for i in range(2000)]
+    size = len(clicks[0].to_json())
+    assert size > 2500  # (the 4 KiB payload limit is above what the field bounds allow)
+    log = kenv.workdir / "w.log"
+    w = _worker(kenv, log)
+    try:
+        asyncio.run(K.produce(s, kenv.topics.clicks, clicks))
+        wait_for(all_decided(kenv, {c.click_id for c in clicks}, 0), 240, "every click decided", [w])
+        assert w.poll() is None, log.read_text()[-3000:]
+    finally:
+        K.stop(w)
+    account(kenv, clicks, 0, "2,000 maximum-size clicks from one IP")
+    sizes = [len(m.value) for msgs in asyncio.run(K.read_partitions(s, f"{kenv.prefix}.by-ip")).values()
+             for m in msgs]
+    assert max(sizes) <= stages.RECORD_MAX_BYTES and sum(sizes) > 2000 * size
+
+
+def test_a_refused_record_batch_stops_the_worker_without_committing_past_it(kenv: Any) -> None:
+    """The decisions topic's max.message.bytes lowered below a record batch: the send fails for good, the worker
+    stops (exit 70) naming the reason, the clicks behind it stay uncommitted, and once the topic takes them again
+    a restart decides every click."""
+    from aiokafka.admin import AIOKafkaAdminClient
+    from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+
+    s = kenv.settings
+
+    async def set_limit(n: int) -> None:
+        admin = AIOKafkaAdminClient(**s.kafka_client_kwargs())
+        await admin.start()
+        try:
+            await admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, kenv.topics.decisions,
+                                                      configs={"max.message.bytes": str(n)})])
+        finally:
+            await admin.close()
+
+    clicks = _setup(kenv, 3000, seed=27)
+    asyncio.run(set_limit(600))  # below any batch of decisions (one decision is ~330 bytes)
+    log = kenv.workdir / "w.log"
+    w = _worker(kenv, log)
+    try:
+        asyncio.run(K.produce(s, kenv.topics.clicks, clicks))
+        wait_for(lambda: w.poll() is not None, 240, "the worker to stop on the refused batch")
+        assert w.returncode == 70
+        text = log.read_text()
+        assert "worker stopping without committing" in text and "failed for good" in text, text[-3000:]
+        assert "MessageSizeTooLarge" in text or "RecordTooLarge" in text or "too large" in text.lower(), text[-3000:]
+        committed = asyncio.run(K.committed_offsets(s, kenv.group, kenv.topics.clicks))
+        ends = asyncio.run(K.end_offsets(s, kenv.topics.clicks))
+        assert sum(committed.values()) < sum(ends.values()), (committed, ends)  # not committed past it
+        asyncio.run(set_limit(1_048_588))
+        w = _worker(kenv, log)
+        wait_for(all_decided(kenv, {c.click_id for c in clicks}, 0), 240, "every click decided", [w])
+    finally:
+        K.stop(w)
+    account(kenv, clicks, 0, "refused record batch, then a restart")
