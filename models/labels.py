@@ -6,6 +6,8 @@ high; everything else is "non-human" (label 1). The model's target is P(label = 
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -54,3 +56,26 @@ def time_split(ts_ms: npt.NDArray[np.int64], start_ms: int | None = None, test_d
     out[ts_ms >= t_val] = VAL
     out[ts_ms >= t_test] = TEST
     return out
+
+
+def label_audit(label: npt.NDArray[np.int8], is_bot: npt.NDArray[np.bool_],
+                archetype: npt.NDArray[np.str_]) -> dict[str, Any]:
+    """The weak labels against the simulator's truth (evaluation only: the truth never enters training).
+
+    Per archetype the share of its clicks the weak labels call human (label 0); overall the weak labels'
+    precision and recall for humans (of the clicks labelled human, the truly human share; of the human clicks,
+    the share labelled human) and the share of bot clicks labelled human.
+    """
+    called = label == 0
+    human = ~is_bot
+    n_called, n_human = int(called.sum()), int(human.sum())
+    tp = int((called & human).sum())
+    return {
+        "n": len(label),
+        "human_precision": tp / n_called if n_called else float("nan"),
+        "human_recall": tp / n_human if n_human else float("nan"),
+        "bots_called_human": float(called[is_bot].mean()) if is_bot.any() else float("nan"),
+        "archetypes": {str(a): {"n": int((archetype == a).sum()),
+                                "called_human": float(called[archetype == a].mean())}
+                       for a in np.unique(archetype)},
+    }

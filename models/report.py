@@ -16,7 +16,7 @@ import numpy as np
 
 from models.calibrate import global_calibration, slice_calibration
 from models.config import TrainConfig
-from models.labels import TEST, VAL
+from models.labels import TEST, TRAIN, VAL, label_audit
 from models.metrics import curve, evaluate, ivr_at_fpr, recall_at_fir, roc_auc, row_thresholds, threshold_at_fpr
 from models.pipeline import CALIBRATION, MANIFEST, MODEL, load_training_data, read_json, write_json
 from models.train import TrainingData
@@ -123,6 +123,28 @@ def _plot_bars(path: Path, title: str, groups: dict[str, dict[str, float]], ylab
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def label_audit_section(td: TrainingData) -> tuple[list[str], dict[str, Any]] | None:
+    """Markdown and figures of the weak labels against the truth, per split (simulated data only, else None)."""
+    splits = [("train", td.rows(TRAIN)), ("val", td.rows(VAL)), ("test", td.rows(TEST))]
+    audits = {}
+    for name, m in splits:
+        tr = td.truth(m)
+        if tr is None:
+            return None
+        audits[name] = label_audit(td.label[m], tr[0], tr[1])
+    names = sorted({a for au in audits.values() for a in au["archetypes"]})
+    rows: list[list[Any]] = [[a] + [au["archetypes"].get(a, {}).get("called_human")
+                                    for au in audits.values()] for a in names]
+    rows += [[f"**{k.replace('_', ' ')}**"] + [au[k] for au in audits.values()]
+             for k in ("bots_called_human", "human_precision", "human_recall")]
+    md = ["## Weak labels against the truth (simulated data)", "",
+          "Share of each archetype's clicks the weak labels (purchase, or RFM score >= threshold outside the "
+          "robotic set) call human; below, the weak labels' precision and recall for humans. The truth is only "
+          "read here, never in training.", "",
+          _table(["archetype"] + [f"called human ({n})" for n in audits], rows), ""]
+    return md, audits
 
 
 def weights_ablation(td: TrainingData, cfg: TrainConfig) -> dict[str, Any]:
@@ -276,6 +298,10 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
                    "recall")
         md += ["![per-archetype recall](archetypes.png)", ""]
         figures["archetypes"] = {"calibrated": at_cal, "at_1pct_fir": at_fir}
+    la = label_audit_section(td)
+    if la is not None:
+        md += la[0]
+        figures["label_audit"] = la[1]
 
     # --- weights ablation ----------------------------------------------------------------------------------
     if ablation:
