@@ -181,13 +181,16 @@ def realism_audit(cols: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def target_rotation(cols: dict[str, Any]) -> dict[str, Any]:
+def target_rotation(cols: dict[str, Any]) -> dict[str, Any] | None:
     """Share of the test day's bot clicks on ads no bot clicked before: in the training days, in any earlier day.
 
-    Days as the trainer splits them (``models.labels.time_split``, 1 test day, 1 validation day).
+    Days as the trainer splits them (``models.labels.time_split``, 1 test day, 1 validation day); None for data
+    shorter than 3 days.
     """
     day = (cols["ts"] - cols["start_ms"]) // DAY_MS
     last = int(day.max())
+    if last < 2:
+        return None
     bot = cols["archetype"] != "human"
     ad = cols["ad"]
     test = bot & (day == last)
@@ -223,10 +226,12 @@ def to_markdown(audit: dict[str, Any]) -> str:
     lines += ["", f"AUC of P(archetype | field value), cross-fitted over user keys, vs humans of the same slices "
               f"(in brackets: share of the archetype's clicks on values no human shows); ! = above "
               f"{audit['flag_auc']}.",
-              f"Flagged: {', '.join(f'{a}/{f} {v:.3f}' for a, f, v in audit['flags']) or 'none'}.",
-              f"Test day {tr['test_day']}: {tr['test_bot_clicks']} bot clicks on {tr['test_bot_ads']} ads; on ads no "
-              f"bot clicked in the training days: {tr['new_vs_train_days']:.3f} ({tr['new_ads_vs_train_days']} ads), "
-              f"in any earlier day: {tr['new_vs_earlier_days']:.3f} ({tr['new_ads_vs_earlier_days']} ads)."]
+              f"Flagged: {', '.join(f'{a}/{f} {v:.3f}' for a, f, v in audit['flags']) or 'none'}."]
+    if tr is not None:
+        lines += [f"Test day {tr['test_day']}: {tr['test_bot_clicks']} bot clicks on {tr['test_bot_ads']} ads; "
+                  f"on ads no bot clicked in the training days: {tr['new_vs_train_days']:.3f} "
+                  f"({tr['new_ads_vs_train_days']} ads), in any earlier day: {tr['new_vs_earlier_days']:.3f} "
+                  f"({tr['new_ads_vs_earlier_days']} ads)."]
     return "\n".join(lines)
 
 

@@ -92,6 +92,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Dataset folder to write."),  # noqa: B008
         clicks: int | None = typer.Option(None, "--clicks", help="Override the scenario's click volume."),
         days: float | None = typer.Option(None, "--days", help="Override the scenario's number of days."),
+        audit: bool = typer.Option(False, "--audit", help="Realism audit: per archetype and field, how well the "
+                                   "field alone separates it from humans (writes audit.json, prints the table)."),
     ) -> None:
         """Simulate ad-click traffic (humans + bot archetypes) with ground truth into a dataset folder."""
         import time
@@ -105,6 +107,14 @@ def register(app: typer.Typer) -> None:
                    f"({int(sim.is_bot.sum())} bots), {m['counts']['purchases']} purchases, "
                    f"{m['counts']['customers']} customers")
         typer.echo("bot share per slice: " + ", ".join(f"{k} {v:.3f}" for k, v in m["bot_share"].items()))
+        if audit:
+            import orjson
+
+            from models.data.audit import audit_folder, to_markdown
+
+            res = audit_folder(out)
+            (out / "audit.json").write_bytes(orjson.dumps(res, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+            typer.echo(to_markdown(res))
 
     app.add_typer(import_app, name="import")
 
