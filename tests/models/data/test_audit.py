@@ -43,3 +43,15 @@ def test_one_way_fit_scores_only_the_later_rows() -> None:
     assert res["auc"] == 0.5
     res = field_separation(np.array([1, 2, 1, 2, 1, 2]), pos, np.ones(6), fold)
     assert res["auc"] == 1.0
+
+
+def test_label_audit_counts_what_the_weak_labels_call_human() -> None:
+    from models.labels import label_audit
+
+    label = np.array([0, 0, 1, 1, 0, 1], dtype=np.int8)  # 0 = called human
+    is_bot = np.array([False, True, False, True, False, True])
+    arch = np.array(["human", "compromised", "human", "bursty", "human", "compromised"])
+    a = label_audit(label, is_bot, arch)
+    assert a["human_precision"] == 2 / 3 and a["human_recall"] == 2 / 3 and a["bots_called_human"] == 1 / 3
+    assert a["archetypes"]["compromised"] == {"n": 2, "called_human": 0.5}
+    assert a["archetypes"]["bursty"]["called_human"] == 0.0

@@ -214,3 +214,94 @@ def test_overrides_and_scenario_files(tmp_path: Path) -> None:
     assert s.ts.max() < s.meta["start_ms"] + DAY_MS // 4
     with pytest.raises(ValueError):
         load_scenario("no-such-scenario")
+
+
+# ---- realism (issue 17): no one-field giveaways, moving targets -------------------------------------------------
+# flags the audit may raise on the small scenario, argued from real traffic: naive bots' scripted user agents
+# (curl, python-requests ...); within a day, a botnet's or farm's devices work the same few ads, and a farm's
+# few addresses carry all its devices (behaviour: an attacked campaign spikes, farm IPs get blocklisted)
+ARGUED = {("bursty", "user_agent"), ("resi_botnet", "ad"), ("dc_rotation", "ad"), ("app_farm", "ad"),
+          ("app_farm", "ip_24")}
+
+
+def test_no_single_field_gives_an_archetype_away(folder: Path) -> None:
+    from models.data.audit import FLAG_AUC, audit_folder
+
+    audit = audit_folder(folder)
+    flagged = {(a, f) for a, f, _ in audit["flags"]}
+    assert flagged <= ARGUED, flagged - ARGUED
+    for a in ("low_slow", "mimic", "night", "compromised"):  # the human-like ones: nothing close
+        assert max(r["auc"] for r in audit["archetypes"][a]["fields"].values()) < FLAG_AUC, a
+
+
+def test_time_zones_do_not_name_an_archetype(sim: Simulation, clicks: list[dict]) -> None:
+    tz = np.array([c["tz_offset_min"] if c["tz_offset_min"] is not None else -9999 for c in clicks])
+    human = _arch(sim, "human")
+    farm = _arch(sim, "app_farm")
+    assert 0.3 < (tz[farm] == 480).mean() < 0.8  # the farm's own zone, not all of it
+    assert (tz[human] == 480).sum() > 0 and (tz[human] == 0).mean() > 0.03  # travellers, UTC browsers
+    assert abs((tz[human] == -9999).mean() - 0.1) < 0.02
+    bots = sim.is_bot
+    assert 0.05 < (tz[bots] == -9999).mean() < 0.2
+    for a in ARCHETYPES[1:]:  # no archetype always or never sends one (presence is drawn per session)
+        m = _arch(sim, a)
+        n_sess = len({clicks[i]["session_id"] for i in np.flatnonzero(m).tolist()})
+        none = (tz[m] == -9999).mean()
+        assert none < 0.5 and (none > 0 or n_sess < 50), (a, none, n_sess)
+
+
+def test_vpn_humans_share_the_bots_data_centre_ranges(sim: Simulation, folder: Path, clicks: list[dict]) -> None:
+    dcp = load_dataset(folder).datacenter_prefixes
+    ip = np.array([c["ip"] for c in clicks])
+    p24 = np.array([x.rsplit(".", 1)[0] for x in ip.tolist()])
+    dc = np.isin(p24, list(dcp))
+    human_dc = dc & ~sim.is_bot
+    assert human_dc.mean() > 0.01
+    assert set(p24[human_dc]) & set(p24[_arch(sim, "dc_rotation")])  # shared ranges
+    assert len({x.rsplit(".", 1)[1] for x in ip[human_dc].tolist()}) > 10  # not all .1
+    users: dict[str, set[str]] = defaultdict(set)
+    for i in np.flatnonzero(human_dc).tolist():
+        users[ip[i]].add(_ukey(clicks[i]))
+    assert max(len(u) for u in users.values()) >= 5  # an exit carries many humans
+
+
+def test_compromised_scripted_user_agents_per_run(sim: Simulation, clicks: list[dict]) -> None:
+    from models.data.simulate import SCRIPTED_UA
+
+    scripted = {u for lst in SCRIPTED_UA.values() for u in lst}
+    comp = np.flatnonzero(_arch(sim, "compromised")).tolist()
+    per_run: dict[str, set[bool]] = defaultdict(set)
+    for i in comp:
+        per_run[clicks[i]["session_id"]].add(clicks[i]["user_agent"] in scripted)
+    assert all(len(v) == 1 for v in per_run.values())  # one kind per run ...
+    kinds = [next(iter(v)) for v in per_run.values()]
+    assert 0 < sum(kinds) < len(kinds)  # ... both kinds among the runs of one simulation
+
+
+def test_bots_move_to_new_targets() -> None:
+    from models.data.audit import target_rotation
+
+    def share(sc: dict) -> float:
+        s = simulate(sc, SEED, clicks=60_000)
+        ads = np.array([orjson.loads(x)["ad_id"] for x in s.click_lines()], dtype=object)
+        cols = {"ts": s.ts, "start_ms": s.meta["start_ms"], "ad": ads,
+                "archetype": np.array(ARCHETYPES, dtype=object)[s.archetype]}
+        tr = target_rotation(cols)
+        assert tr is not None
+        return float(tr["new_vs_earlier_days"])
+
+    rotating = load_scenario("default")
+    assert rotating["targets"]["rotate_share"] > 0
+    fixed = rotating | {"targets": {"rotate_share": 0.0, "new_ads_per_day": 0.0, "new_ad_pick": 0.0}}
+    assert share(rotating) > share(fixed) + 0.1
+
+
+def test_bots_still_prefer_expensive_ads(sim: Simulation, clicks: list[dict]) -> None:
+    cpc = np.array([c["cpc"] for c in clicks])
+    assert np.median(cpc[sim.is_bot]) > 1.3 * np.median(cpc[~sim.is_bot])
+
+
+def test_meta_names_the_simulator_version(sim: Simulation) -> None:
+    from models.data.simulate import SIMULATOR_VERSION
+
+    assert sim.meta["simulator_version"] == SIMULATOR_VERSION >= 2
