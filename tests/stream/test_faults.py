@@ -28,7 +28,7 @@ from slidr import services as svc
 from stream import cache, stages, toymodel
 from stream.state import RECENT_IDS
 from tests.stream import kafka_helpers as K
-from tests.stream.helpers import traffic
+from tests.stream.helpers import click, traffic
 from tests.stream.test_worker_integration import _offline_users, _profiles, _table_snapshot
 
 pytestmark = pytest.mark.integration
@@ -175,6 +175,9 @@ def fuzz_messages(good: list[Click], n: int, seed: int = 5) -> tuple[list[tuple[
     kinds: list[Callable[[], bytes]] = [
         lambda: r.randbytes(r.randint(0, 300)),
         lambda: orjson.dumps({**base, "ts": r.choice(["x", 1.5, None, -5, 10**15, 2**63, True])}),
+        # inside the schema's bounds but out of time: far future (2099), far past (3 days behind the traffic)
+        lambda: orjson.dumps({**base, "click_id": f"f{r.randrange(10**9)}",
+                              "ts": r.choice([4_070_908_800_000, base["ts"] - 3 * 86_400_000])}),
         lambda: orjson.dumps({**base, "ip": r.choice([5, "999.1.1.1", "", "a" * 46, "1.2.3", None])}),
         lambda: orjson.dumps({k: v for k, v in base.items() if k != drop}) if (
             drop := r.choice(["click_id", "ts", "ip", "platform"])) else b"",
@@ -202,20 +205,32 @@ def fuzz_messages(good: list[Click], n: int, seed: int = 5) -> tuple[list[tuple[
     return msgs, resends
 
 
+def _special_good(t0: int) -> list[Click]:
+    """Good clicks the fuzz sends beside the traffic: textual variants of one IPv6 and one IPv4 address (each is
+    one IP key), and clicks at the schema's maximum field sizes."""
+    variants = ["2001:db8::1", "2001:DB8:0:0::1", "2001:0db8::0:1", "2001:db8::abcd", "203.0.113.45",
+                "::ffff:203.0.113.45"]
+    out = [click(50_000 + i, t0 + i, ip=ip, session=f"v6-{i}") for i, ip in enumerate(variants * 5)]
+    return out + [_max_click(i, t0 + 100 + i) for i in range(200)]
+
+
 def test_fuzzed_clicks_topic_dead_letters_every_bad_message(kenv: Any) -> None:
-    good = _setup(kenv, 6000, seed=21)
-    bad, resends = fuzz_messages(good[:3000], 10_500)
+    traffic_clicks = _setup(kenv, 6000, seed=21)
+    special = _special_good(traffic_clicks[2999].ts)
+    good = traffic_clicks[:3000] + special + traffic_clicks[3000:]
+    n_first = 3000 + len(special)
+    bad, resends = fuzz_messages(good[:n_first], 10_500)
     w = _worker(kenv, kenv.workdir / "w0.log")
     try:
-        asyncio.run(K.produce(kenv.settings, kenv.topics.clicks, good[:3000]))
+        asyncio.run(K.produce(kenv.settings, kenv.topics.clicks, good[:n_first]))
         # the originals of the resends decided first (a resend keyed otherwise goes through by-user, which the
         # user stage may read before it reaches the original in the clicks topic)
-        wait_for(all_decided(kenv, {c.click_id for c in good[:3000]}, 0), 240, "the originals decided", [w])
+        wait_for(all_decided(kenv, {c.click_id for c in good[:n_first]}, 0), 240, "the originals decided", [w])
         asyncio.run(K.produce_raw(kenv.settings, kenv.topics.clicks, bad))
         # and the resends handled before their keys click again (a resend keyed otherwise comes round through
         # by-user, possibly after later clicks of its key: past the dedupe window, see fuzz_messages)
         wait_for(all_decided(kenv, set(), len(bad)), 240, "the bad messages dead-lettered", [w])
-        asyncio.run(K.produce(kenv.settings, kenv.topics.clicks, good[3000:]))
+        asyncio.run(K.produce(kenv.settings, kenv.topics.clicks, good[n_first:]))
         wait_for(all_decided(kenv, {c.click_id for c in good}, len(bad)), 300, "every click decided", [w])
         assert w.poll() is None, "the worker stopped"
     finally:
@@ -225,6 +240,17 @@ def test_fuzzed_clicks_topic_dead_letters_every_bad_message(kenv: Any) -> None:
     assert all(d["error"] and isinstance(d["field"], str) for d in dead)  # field "" = the payload as a whole
     dup = [d for d in dead if d["field"] == "click_id" and d["error"].startswith("duplicate")]
     assert len(dup) == resends and acc["duplicates"] == 0
+    out_of_time = [d for d in dead if d["field"] == "ts" and ("ahead of" in d["error"] or "behind" in d["error"])]
+    assert len(out_of_time) > 300, len(out_of_time)
+    # the IP variants were counted under two IP keys (the feature log's ip_clicks_24h reached 15 for each)
+    from stream import features as F
+    from stream.stages import read_feature_log
+
+    rows = {r["click_id"]: r["features"] for msgs in asyncio.run(K.read_partitions(
+        kenv.settings, kenv.topics.feature_log)).values() for m in msgs for r in read_feature_log(m.value)}
+    col = F.FEATURE_NAMES.index("ip_clicks_24h")
+    assert max(rows[c.click_id][col] for c in special[:30] if ":" in c.ip and "ffff" not in c.ip) == 20.0
+    assert max(rows[c.click_id][col] for c in special[:30] if "203.0.113.45" in c.ip) == 10.0
     _check_counters(kenv, good)  # the resends and the junk changed no counter
 
 
