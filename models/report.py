@@ -80,18 +80,24 @@ def _plot_curves(path: Path, td: TrainingData, s: np.ndarray, cal_slice: dict[st
     for ax, name in zip(axes.ravel(), names, strict=False):
         m = va & (td.slices == name)
         c = curve(s[m], td.purchased[m], td.heavy[m], points=400)
+        xmax = min(1.0, max(0.05, 6 * float(cal_slice["fpr_budget"] or 0.01)))
+        shown = [float(np.interp(xmax, c.fpr[::-1], c.ivr[::-1]))]  # IVR at the panel's edge (IVR rises with FPR)
         ax.plot(c.fpr, c.ivr, lw=1.2, label="IVR(FPR)")
         ft = cal_slice["validation"]["slices"].get(name, {})
         a, b, q = ft.get("fit_abc", [0, 0, 0])
         if not ft.get("pinned", True):
             f = np.linspace(0, ft["fit_fpr_max"], 50)
             ax.plot(f, a + b * f + q * f * f, "--", lw=1, label="concave fit")
+            shown.append(float((a + b * f + q * f * f)[f <= xmax].max(initial=0.0)))
         for cal, mk, lab in ((cal_slice, "o", "slice-level"), (cal_global, "s", "global")):
             t = cal["thresholds"].get(name, cal["default_threshold"])
             fl = s[m] >= t
             fpr = fl[td.purchased[m]].mean() if td.purchased[m].any() else 0.0
             ax.plot([fpr], [fl.mean()], mk, ms=7, label=lab)
-        ax.set_xlim(0, min(1.0, max(0.05, 6 * float(cal_slice["fpr_budget"] or 0.01))))
+            shown.append(float(fl.mean()))
+        ax.set_xlim(0, xmax)
+        top = float(np.nanmax(shown)) if np.isfinite(shown).any() else 0.0
+        ax.set_ylim(0, min(1.0, 1.1 * top) or 1.0)  # each panel to its data (the curves live under 0.25)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("FPR (purchasing clicks invalidated)")
         ax.set_ylabel("IVR")
