@@ -99,11 +99,15 @@ def register(app: typer.Typer) -> None:
         rate: float = typer.Option(500.0, help="Clicks/s to produce at (0: as fast as possible)."),
         fpr_budget: float = typer.Option(None, help="Overall FPR budget for calibration (default: config)."),
         keep_topics: bool = typer.Option(False, help="Keep this run's topics afterwards."),
+        verbose: bool = typer.Option(False, "--verbose", "-v", help="Show the logs on screen too (they always go "
+                                     "to WORK/demo.log)."),
     ) -> None:
         """The main job: services, simulation, training, calibration, live scoring, and a printed summary."""
+        import logging
         from pathlib import Path
 
         from slidr.demo import run_demo
 
         run_demo(Path(work), scenario=scenario, seed=seed, hours=hours, warmup_hours=warmup_hours,
-                 rate=rate or None, fpr_budget=fpr_budget, keep_topics=keep_topics)
+                 rate=rate or None, fpr_budget=fpr_budget, keep_topics=keep_topics,
+                 verbose=verbose or logging.getLogger().level == logging.DEBUG)

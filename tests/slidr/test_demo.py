@@ -1,13 +1,18 @@
-"""The demo's pure parts: splitting the stream window and summarising decisions (no Kafka here)."""
+"""The demo's parts: splitting the stream window, summarising decisions, and (with Kafka) the lag-0 wait."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+
+import pytest
 
 from models.data.dataset import load_dataset
 from models.data.simulate import simulate_to
 from schemas import Decision
-from slidr.demo import summarize, window_dataset
+from slidr.demo import group_lag, summarize, wait_caught_up, window_dataset
+from stream.synth import traffic
+from tests.conftest import KEnv
 
 
 def test_window_split_and_summary(tmp_path: Path) -> None:
@@ -35,3 +40,56 @@ def test_window_split_and_summary(tmp_path: Path) -> None:
     assert r["overall"]["fpr"] <= 0.05  # purchases are (almost) all human; accidents are rare
     assert r["latency_ms"]["p50"] == 7.0
     assert set(r["slices"]) <= {"desktop:in", "desktop:out", "mobile:in", "mobile:out", "app:in", "app:out"}
+
+
+@pytest.mark.integration
+def test_caught_up_means_the_group_committed_every_input(kenv: KEnv) -> None:
+    """The live hour starts at lag 0: ``group_lag`` counts what the worker's group has not committed on its two
+    inputs (clicks, by-ip); committing their ends brings it to 0 and ``wait_caught_up`` returns."""
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+    from aiokafka.structs import OffsetAndMetadata
+
+    from stream.app import ensure_topics
+
+    s, t = kenv.settings, kenv.topics
+    asyncio.run(ensure_topics(s))
+    clicks = traffic(30, seed=1)
+
+    async def send() -> None:
+        p = AIOKafkaProducer(**s.kafka_client_kwargs())
+        await p.start()
+        try:
+            await asyncio.gather(*[await p.send(t.clicks, c.to_json(), key=c.user_key.encode()) for c in clicks])
+            await p.send_and_wait(f"{t.prefix}.by-ip", b"[]", partition=0)
+        finally:
+            await p.stop()
+
+    async def commit(upto: dict[TopicPartition, int]) -> None:
+        c = AIOKafkaConsumer(group_id=s.worker_id, enable_auto_commit=False, **s.kafka_client_kwargs())
+        await c.start()
+        try:
+            c.assign(list(upto))
+            await c.commit({tp: OffsetAndMetadata(o, "") for tp, o in upto.items()})
+        finally:
+            await c.stop()
+
+    async def ends() -> dict[TopicPartition, int]:
+        c = AIOKafkaConsumer(group_id=None, **s.kafka_client_kwargs())
+        await c.start()
+        try:
+            return dict(await c.end_offsets([TopicPartition(tp, p) for tp in (t.clicks, f"{t.prefix}.by-ip")
+                                             for p in range(s.partitions)]))
+        finally:
+            await c.stop()
+
+    asyncio.run(send())
+    topics = [t.clicks, f"{t.prefix}.by-ip"]
+    assert asyncio.run(group_lag(s, s.worker_id, topics)) == 31  # nothing committed yet
+    end = asyncio.run(ends())
+    first = next(tp for tp, o in end.items() if tp.topic == t.clicks and o > 0)
+    asyncio.run(commit({**end, first: end[first] - 1}))
+    assert asyncio.run(group_lag(s, s.worker_id, topics)) == 1
+    with pytest.raises(RuntimeError, match="did not catch up"):
+        wait_caught_up(s, 1.0)
+    asyncio.run(commit(end))
+    assert wait_caught_up(s, 30.0) < 30.0
