@@ -74,6 +74,12 @@ class Settings(BaseSettings):
         "Longest the IP stage waits for the profile cache (one MGET per scoring batch). Past it, or when Redis is "
         "unreachable, the batch is scored in degraded mode (profile features missing, decisions flagged "
         "'degraded') and Redis is retried with backoff."))
+    metrics_port: int = Field(0, ge=0, description=(
+        "Port of the Prometheus /metrics endpoint of `slidr worker` (0: off); `slidr monitor` uses the next one."))
+    metrics_bind: str = Field("127.0.0.1", description="Address the metrics endpoints bind.")
+    model_poll_s: float = Field(1.0, gt=0, description=(
+        "How often a running worker checks the registry's ACTIVE model; a new one is loaded, verified and used "
+        "from the next scoring batch on (hot swap)."))
     max_future_skew_s: float = Field(300.0, gt=0, description=(
         "A click stamped more than this ahead of the worker's clock is dead-lettered (field ts): one far-future "
         "click would otherwise blind its keys' counters and move the partition's expiry clock."))

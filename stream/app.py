@@ -49,7 +49,7 @@ import faust
 
 from slidr.settings import Settings
 from slidr.topics import Topics, TopicSpec, changelog_topic, topic_specs
-from stream import faust_fixes
+from stream import faust_fixes, metrics
 from stream.scoring import Model, active_model_dir, load_model
 from stream.stages import (  # noqa: F401  (re-exported: tests and tools read records with these)
     BATCH_MAX,
@@ -94,9 +94,11 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                data_dir: Path | None = None) -> faust.App:
     """Build the detector app for these settings (topics, group id, state folder all come from ``s``): declare
     the topics and tables, build the two stages (``stream/stages.py``) and bind an agent to each."""
+    follow_registry = model is None and model_dir is None  # hot swap: follow the registry's ACTIVE pointer
     if model is None:
         model = load_model(model_dir or active_model_dir(s.registry_path), s.onnx_providers)
     log.info("scoring with model %s on %s", model.version, model.provider)
+    metrics.set_active(model.version)
     t = Topics(s.topic_prefix)
     datadir = Path(data_dir or s.home / "faust" / s.worker_id)
     datadir.mkdir(parents=True, exist_ok=True)
@@ -175,6 +177,20 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         async for events in stream.take_events(IP_RECORDS_PER_BATCH, within=IP_BATCH_WITHIN_S):
             await ips.run(events)
 
+    swap = ModelSwap(s, ips) if follow_registry else None
+
+    @app.timer(s.model_poll_s)
+    async def follow_active_model() -> None:
+        if swap is not None:
+            await swap.check()
+
+    @app.timer(5.0)
+    async def gauges() -> None:
+        for tp, lag in faust_fixes.consumer_lag(app.consumer).items():
+            metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
+        metrics.TABLE_KEYS.labels(USERS_TABLE).set(sum(users.writer.count.values()))
+        metrics.TABLE_KEYS.labels(IPS_TABLE).set(sum(ips.writer.count.values()))
+
     @app.timer(30.0)
     async def report() -> None:
         log.info("decided %d (degraded %d), dead letters %d, redelivered %d, copies %d, failed batch attempts %d, "
@@ -186,6 +202,42 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
 
     app.slidr_stages = (users, ips)  # type: ignore[attr-defined]
     return app
+
+
+class ModelSwap:
+    """Hot swap: the registry's ACTIVE version is checked every ``model_poll_s``; a new one is loaded (in a thread)
+    and verified (``load_model``: file hashes, feature spec), then the IP stage scores with it from its next batch
+    on (the stage takes ``self.model`` once per batch). A model that fails to load is refused, logged once, and
+    the current one stays."""
+
+    def __init__(self, s: Settings, stage: IpStage) -> None:
+        self.s = s
+        self.stage = stage
+        self.refused: str | None = None
+
+    async def check(self) -> None:
+        try:
+            folder = active_model_dir(self.s.registry_path)
+        except Exception as e:  # no pointer or a bad one: keep scoring with what we have
+            if self.refused != str(e):
+                log.error("registry ACTIVE unreadable (%s): keeping model %s", e, self.stage.model.version)
+                self.refused = str(e)
+            return
+        version = folder.name
+        if version == self.stage.model.version or version == self.refused:
+            return
+        try:
+            new = await asyncio.to_thread(load_model, folder, self.s.onnx_providers)
+        except Exception as e:
+            log.error("refusing model %s (%s): keeping model %s", version, e, self.stage.model.version)
+            metrics.MODEL_SWAPS.labels("refused").inc()
+            self.refused = version
+            return
+        old, self.stage.model = self.stage.model.version, new
+        self.refused = None
+        metrics.set_active(new.version)
+        metrics.MODEL_SWAPS.labels("switched").inc()
+        log.warning("model switched from %s to %s (on %s)", old, new.version, new.provider)
 
 
 def run_worker(s: Settings, *, model_dir: Path | None = None, data_dir: Path | None = None,
@@ -206,6 +258,7 @@ def run_worker(s: Settings, *, model_dir: Path | None = None, data_dir: Path | N
     gc.set_threshold(20_000, 20, 100)
     asyncio.run(ensure_topics(s))
     app = create_app(s, model_dir=model_dir, data_dir=data_dir)
+    metrics.start(s.metrics_port, s.metrics_bind)
     worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     # Faust's terminal spinner sets the root logger to DEBUG (to spin on every record) whenever loglevel >=
     # WARN: aiokafka and Faust then build a debug record per message sent, ~12% of the worker's time.

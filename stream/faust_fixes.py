@@ -97,6 +97,18 @@ def committed_offset(consumer: Any, topic: str, partition: int) -> int:
     return -1 if off is None else int(off)
 
 
+def consumer_lag(consumer: Any) -> dict[Any, int]:
+    """Per assigned partition, the messages between the last one read and the partition's end (Faust's
+    consumer keeps both: the highwater of the last fetch and the read offset, privately)."""
+    out = {}
+    for tp in consumer.assignment():
+        hw = consumer.highwater(tp)
+        read = consumer._read_offset.get(tp)
+        if hw is not None:
+            out[tp] = max(0, int(hw) - (int(read) + 1 if read is not None else 0))
+    return out
+
+
 def delivery_can_block(app: Any) -> bool:
     """Whether the conductor's delivery of a message might wait (see the module doc, point 2)."""
     if not app.flow_control.is_active():

@@ -42,6 +42,7 @@ from slidr.settings import Settings
 from slidr.topics import Topics
 from stream import faults
 from stream import features as F
+from stream import metrics as M
 from stream.publish import Publisher
 from stream.scoring import Model, decision_dicts, score_batch
 from stream.state import DUPLICATE_ID, ClickView, Stats, TableWriter, apply
@@ -135,14 +136,18 @@ class Stage:
     async def run(self, events: list[Any]) -> None:
         """One batch, all or nothing, retried (see the module doc). Never raises."""
         for attempt in range(1, self.s.stage_retries + 1):
+            t0 = time.perf_counter()
             try:
                 await self.step(events)
                 self.batches += 1
+                M.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - t0)
+                M.BATCH_SIZE.labels(self.name).observe(len(events))
                 return
             except Exception as e:  # the policy: drop, retry, then stop (never escape)
                 self.writer.discard()
                 self.out.discard()
                 self.failed_attempts += 1
+                M.FAILED_BATCHES.labels(self.name).inc()
                 if attempt == self.s.stage_retries:
                     fail_stop(f"{self.name} batch of {len(events)} events failed {attempt} times, last: {e!r}")
                 log.warning("%s: batch of %d events failed (attempt %d of %d): %r; taking it again",
@@ -244,6 +249,9 @@ class UserStage(Stage):
         await self.commit_batch()
         self.clock = clock
         self.dead += dead
+        M.CLICKS.labels("user").inc(len(events))
+        if dead:
+            M.DEAD_LETTERS.labels("user").inc(dead)
 
     def event(self, event: Any, fwd: dict[int, list[bytes]], clock: dict[int, int]) -> int:
         """One click: validate, update its user's state, add it to the record bound for its IP's partition.
@@ -360,6 +368,7 @@ class IpStage(Stage):
         self.decided = 0
         self.degraded = 0
         self.dead = 0
+        self._decided: Counter[tuple[str, str, str]] = Counter()  # (slice, valid, version) -> decisions, last batch
 
     def committed(self, tag: int) -> int:
         return self._committed(self.by_ip, tag)
@@ -372,6 +381,7 @@ class IpStage(Stage):
         for event in events:
             dead += self.event(event, todo, clock)
         decided = degraded = 0
+        self._decided = Counter()
         if todo:
             decided, degraded = await self.score(todo)
         await self.commit_batch()
@@ -379,6 +389,14 @@ class IpStage(Stage):
         self.decided += decided
         self.degraded += degraded
         self.dead += dead
+        M.CLICKS.labels("ip").inc(len(todo))
+        if dead:
+            M.DEAD_LETTERS.labels("ip").inc(dead)
+        if degraded:
+            M.DEGRADED.inc(degraded)
+        for (sl, valid, version), n in self._decided.items():
+            M.DECISIONS.labels(sl, valid, version).inc(n)
+        M.REDIS_UP.set(0 if self.cache.down_since is not None else 1)
 
     def event(self, event: Any, todo: list[tuple[int, F.ClickLike, Any, list[float]]],
               clock: dict[int, int]) -> int:
@@ -417,6 +435,7 @@ class IpStage(Stage):
             ck, ik = F.profile_keys(c)
             keys.append(self.redis_prefix + (ck or "-"))
             keys.append(self.redis_prefix + ik)
+        model = self.model  # one model per batch (a hot swap replaces self.model between batches)
         vals = await self.cache.mget(keys)  # one round trip per batch; None: Redis unreachable (degraded)
         degraded = vals is None
         cs = [c for _, c, _, _ in todo]
@@ -427,24 +446,30 @@ class IpStage(Stage):
             rows = [F.assemble(c, rec["u"], ipf, F.profile_from(vals[2 * j], vals[2 * j + 1]))
                     for j, (_, c, rec, ipf) in enumerate(todo)]
         faults.hit("ip.score")
-        scores = score_batch(self.model, np.asarray(rows, dtype=np.float32))
-        decisions = decision_dicts(self.model, cs, scores, decided_at=int(time.time() * 1000), degraded=degraded)
+        t0 = time.perf_counter()
+        scores = score_batch(model, np.asarray(rows, dtype=np.float32))
+        M.SCORING_SECONDS.observe(time.perf_counter() - t0)
+        decisions = decision_dicts(model, cs, scores, decided_at=int(time.time() * 1000), degraded=degraded)
+        tally: Counter[tuple[str, str, str]] = Counter()
         for c, d in zip(cs, decisions, strict=True):
             self.out.add(self.t.decisions, c.click_id.encode(), orjson.dumps(d))
+            tally[(d["slice"], "true" if d["valid"] else "false", model.version)] += 1
+        self._decided = tally
         by_partition: dict[int, list[int]] = {}
         for j, (p, _, _, _) in enumerate(todo):
             by_partition.setdefault(p, []).append(j)
         for p, js in by_partition.items():
-            for rec in self._feature_log(js, cs, rows, decisions, degraded):
+            for rec in self._feature_log(model.version, js, cs, rows, decisions, degraded):
                 self.out.add(self.t.feature_log, None, rec, partition=p)
         return len(todo), len(todo) if degraded else 0
 
-    def _feature_log(self, js: list[int], cs: list[F.ClickLike], rows: list[list[float]],
+    @staticmethod
+    def _feature_log(version: str, js: list[int], cs: list[F.ClickLike], rows: list[list[float]],
                      decisions: list[dict[str, Any]], degraded: bool) -> list[bytes]:
-        rec = feature_log_record(self.model.version, [cs[j] for j in js], [rows[j] for j in js],
+        rec = feature_log_record(version, [cs[j] for j in js], [rows[j] for j in js],
                                  [decisions[j]["score"] for j in js], degraded)
         if len(rec) <= RECORD_MAX_BYTES or len(js) == 1:
             return [rec]
         half = len(js) // 2  # too large (a hot IP, one or two partitions): split until every record fits
-        return (self._feature_log(js[:half], cs, rows, decisions, degraded)
-                + self._feature_log(js[half:], cs, rows, decisions, degraded))
+        return (IpStage._feature_log(version, js[:half], cs, rows, decisions, degraded)
+                + IpStage._feature_log(version, js[half:], cs, rows, decisions, degraded))

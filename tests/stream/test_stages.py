@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -165,12 +164,10 @@ def test_records_are_bounded_by_bytes() -> None:
 
 
 def test_feature_log_records_split_until_they_fit() -> None:
-    st = object.__new__(stages.IpStage)
-    st.model = SimpleNamespace(version="v")  # type: ignore[assignment]
     cs = [click(i, T0 + i) for i in range(4000)]
     rows = [[123456.789] * F.N_FEATURES for _ in cs]
     decs = [{"score": 0.5} for _ in cs]
-    recs = st._feature_log(list(range(len(cs))), cs, rows, decs, False)
+    recs = stages.IpStage._feature_log("v", list(range(len(cs))), cs, rows, decs, False)
     assert len(recs) > 1 and all(len(r) <= stages.RECORD_MAX_BYTES for r in recs)
     assert [row["click_id"] for r in recs for row in stages.read_feature_log(r)] == [c.click_id for c in cs]
 
