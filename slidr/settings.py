@@ -80,6 +80,19 @@ class Settings(BaseSettings):
     model_poll_s: float = Field(1.0, gt=0, description=(
         "How often a running worker checks the registry's ACTIVE model; a new one is loaded, verified and used "
         "from the next scoring batch on (hot swap)."))
+    monitor_window_s: float = Field(300.0, gt=0, description="Sliding window of `slidr monitor`'s live rates.")
+    monitor_min_decisions: int = Field(1000, ge=1, description=(
+        "Decisions of the active model in the window before its live IVR can trigger a rollback."))
+    monitor_min_purchases: int = Field(50, ge=1, description=(
+        "Purchasing clicks of the active model in the window before its live FPR can trigger a rollback."))
+    monitor_ivr_factor: float = Field(3.0, gt=1, description=(
+        "Roll back when live IVR exceeds this multiple of the IVR the calibration measured on validation..."))
+    monitor_ivr_margin: float = Field(0.05, ge=0, description="... and exceeds it by this much at least.")
+    monitor_ivr_max: float = Field(0.5, gt=0, le=1, description=(
+        "The IVR limit for a model whose calibration records no validation IVR."))
+    monitor_fpr_factor: float = Field(3.0, gt=1, description=(
+        "Roll back when live FPR exceeds this multiple of the model's FPR budget..."))
+    monitor_fpr_margin: float = Field(0.02, ge=0, description="... and exceeds it by this much at least.")
     max_future_skew_s: float = Field(300.0, gt=0, description=(
         "A click stamped more than this ahead of the worker's clock is dead-lettered (field ts): one far-future "
         "click would otherwise blind its keys' counters and move the partition's expiry clock."))
@@ -112,6 +125,38 @@ class Settings(BaseSettings):
     certs_dir: Path | None = Field(None, description=(
         "Certificates of the local broker's SASL_SSL listener and of a local rediss:// redis-server, made by "
         "deploy/local/certs.sh on `slidr up` when missing (clients trust <certs_dir>/ca.crt); default <home>/certs."))
+
+    # --- retrain guardrails (models/guardrails.py; a candidate failing any check is never promoted) ------------
+    guard_min_purchase_density: float = Field(0.002, ge=0, description=(
+        "Data: every hour of the week present in the window with at least guard_min_hour_clicks clicks must have "
+        "at least this share of purchasing clicks (simulated traffic: about 0.024 overall, 0.005 at worst)."))
+    guard_min_hour_clicks: int = Field(300, ge=1, description=(
+        "Data: an hour of the week with fewer clicks is not judged on purchase density (too few to tell)."))
+    guard_label_gap_p_value: float = Field(1e-4, gt=0, lt=1, description=(
+        "Data: an hour of the window with no purchase event is a label gap when P(0 purchases) under the window's "
+        "purchase rate and that hour's click volume is below this (a 2-hour outage of the small scenario: "
+        "P = 3e-7 and 8e-7; a night hour with 180 clicks: 0.013)."))
+    guard_volume_max_ratio: float = Field(3.0, gt=1, description=(
+        "Data: each slice's clicks per hour may be at most this many times, or at least 1/this, those of the "
+        "previous retrain window."))
+    guard_volume_min_clicks: int = Field(1000, ge=1, description=(
+        "Data: slices with fewer clicks in both windows are not compared on volume."))
+    guard_ivr_max_delta: float = Field(0.05, ge=0, description=(
+        "Model: each slice's IVR on the evaluation window may differ from the stable model's by at most this."))
+    guard_ivr_max_ratio: float = Field(2.0, gt=1, description=(
+        "Model: no slice may invalidate more than this many times the stable model's share of its clicks "
+        "(checked when the rise is also above guard_ivr_max_delta / 2)."))
+    guard_fpr_max_increase: float = Field(0.03, ge=0, description=(
+        "Model: each slice's FPR (purchasing clicks invalidated) may exceed the stable model's by at most this."))
+    guard_coverage_max_drop: float = Field(0.2, ge=0, description=(
+        "Model: each slice's robotic coverage may fall below the stable model's by at most this."))
+    guard_max_fpr: float = Field(0.1, gt=0, le=1, description=(
+        "Model: no slice's FPR may exceed this, whatever the stable model does (the check used when there is no "
+        "stable model to compare with)."))
+    guard_min_slice_purchases: int = Field(20, ge=1, description=(
+        "Model: slices with fewer purchasing clicks in the evaluation window are not judged on FPR."))
+    guard_min_slice_robotic: int = Field(20, ge=1, description=(
+        "Model: slices with fewer robotic clicks in the evaluation window are not judged on coverage."))
 
     # --- derived -----------------------------------------------------------------------------
     @property

@@ -1,4 +1,4 @@
-"""Subcommands of this area (see slidr/cli.py): worker, cache load, billing tail|summary."""
+"""Subcommands of this area (see slidr/cli.py): worker, monitor, cache load, billing tail|summary."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def register(app: typer.Typer) -> None:
         from stream.app import run_worker
 
         run_worker(get_settings(), model_dir=model, data_dir=data_dir, loglevel=loglevel)
+
+    @app.command("monitor")
+    def monitor() -> None:
+        """Live IVR / FPR per slice from the decisions and purchases topics; rolls back to the stable model
+        when the active one departs sharply from its calibration (thresholds: SLIDR_MONITOR_*)."""
+        from slidr.settings import get_settings
+        from stream.monitor import run_monitor
+
+        run_monitor(get_settings())
 
     cache = typer.Typer(help="Redis profile cache.", no_args_is_help=True)
     app.add_typer(cache, name="cache")
