@@ -1,0 +1,55 @@
+"""The worker's throughput with Prometheus metrics on vs off, on the same backlog of clicks.
+
+Runs alternate (off, on, off, on, ...: ``rounds`` of each), each a fresh worker over its own topics holding the
+same ``n`` clicks; a run's rate is distinct clicks decided over the first-to-last decision span, as
+``bench/e2e.py`` measures it. The cost is 1 - median(on) / median(off). ``slidr bench metrics_cost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from typing import Any
+
+import numpy as np
+
+from bench.e2e import bench_topics, consume_count, keyed, produce, running_worker
+
+
+def _free_port() -> int:
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return int(so.getsockname()[1])
+
+
+def _once(clicks: list[Any], metrics: bool, timeout_s: float) -> float:
+    old = os.environ.get("SLIDR_METRICS_PORT")
+    os.environ["SLIDR_METRICS_PORT"] = str(_free_port()) if metrics else "0"
+    try:
+        with bench_topics("mcost") as (s, t, tmp):
+            asyncio.run(produce(s, t.clicks, keyed(clicks)))
+            with running_worker(s, tmp):
+                msgs = asyncio.run(consume_count(s, t.decisions, len(clicks), timeout_s))
+    finally:
+        if old is None:
+            os.environ.pop("SLIDR_METRICS_PORT", None)
+        else:
+            os.environ["SLIDR_METRICS_PORT"] = old
+    ts = sorted(m.timestamp for m in msgs)
+    return len({m.key for m in msgs}) / max((ts[-1] - ts[0]) / 1000.0, 1e-3)
+
+
+def run(n: int = 60_000, rounds: int = 3, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
+    from stream.synth import traffic
+
+    clicks = traffic(n, seed=7)
+    off: list[float] = []
+    on: list[float] = []
+    for _ in range(rounds):
+        off.append(_once(clicks, False, timeout_s))
+        on.append(_once(clicks, True, timeout_s))
+    m_off, m_on = float(np.median(off)), float(np.median(on))
+    return {"clicks": n, "rounds": rounds, "off_clicks_per_s": [round(x) for x in off],
+            "on_clicks_per_s": [round(x) for x in on], "median_off": round(m_off), "median_on": round(m_on),
+            "cost": round(1 - m_on / m_off, 4)}
