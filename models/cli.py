@@ -1,4 +1,5 @@
-"""``slidr train | calibrate | evaluate | report`` (see slidr/cli.py). Heavy imports stay inside commands."""
+"""``slidr train | calibrate | evaluate | score | report | retrain`` and ``slidr models list | show | promote | rollback
+| verify`` (see slidr/cli.py). Heavy imports stay inside commands."""
 
 from __future__ import annotations
 
@@ -138,6 +139,179 @@ def register(app: typer.Typer) -> None:
         except (GuardrailError, CalibrationError, FileNotFoundError) as e:
             _fail(e)
         typer.echo(f"report: {path}")
+
+    register_models(app)
+    register_retrain(app)
+
+
+def _echo_json(obj: Any) -> None:
+    import orjson
+
+    typer.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY).decode())
+
+
+def _history_line(e: dict[str, Any]) -> str:
+    when = str(e.get("time", ""))[:19].replace("T", " ")
+    return (f"  {when}  {e['action']:11s} {e.get('from') or '-'} -> {e.get('to') or '-'}"
+            + (f"  ({e['reason']})" if e.get("reason") else ""))
+
+
+def register_models(app: typer.Typer) -> None:
+    """``slidr models ...``: the registry (models/registry.py)."""
+    models_app = typer.Typer(help="Model registry: list, show, promote, rollback, verify.", no_args_is_help=True)
+    app.add_typer(models_app, name="models")
+
+    @models_app.command("list")
+    def list_cmd(as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+        """Versions with their states (candidate, active, stable, retired), then the history of every change."""
+        from models import registry
+
+        try:
+            st, hist = registry.states(), registry.history()
+            act, stab = registry.active_version(), registry.stable_version()
+        except registry.RegistryError as e:
+            _fail(e)
+        if as_json:
+            _echo_json({"active": act, "stable": stab, "versions": st, "history": hist})
+            return
+        typer.echo(f"registry {registry._root(None)}: active {act or '-'}, stable {stab or '-'}")
+        for v, states in st.items():
+            typer.echo(f"  {v:60s} {', '.join(states)}")
+        typer.echo("history:")
+        for entry in hist:
+            typer.echo(_history_line(entry))
+
+    @models_app.command("show")
+    def show_cmd(version: str = typer.Argument(..., help="A registered version."),
+                 as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+        """A version's states, manifest summary (training window, metrics, file hashes) and history."""
+        from models import registry
+
+        try:
+            d = registry.describe(version)
+        except registry.RegistryError as e:
+            _fail(e)
+        if as_json:
+            _echo_json(d)
+            return
+        m = d["manifest"]
+        typer.echo(f"{d['version']}  [{', '.join(d['states'])}]  {d['folder']}")
+        for k in ("kind", "trained_version", "created_at", "data_dir", "feature_spec_hash"):
+            if k in m:
+                typer.echo(f"  {k}: {m[k]}")
+        t = (m.get("metrics") or {}).get("test")
+        if t:
+            typer.echo(f"  test: AUC {t.get('auc')}  IVR at budget {t.get('ivr_at_budget')}")
+        for name, digest in (m.get("sha256") or {}).items():
+            typer.echo(f"  sha256 {name}: {digest}")
+        for entry in d["history"]:
+            typer.echo(_history_line(entry))
+
+    @models_app.command("promote")
+    def promote_cmd(version: str = typer.Argument(..., help="A registered version."),
+                    reason: str = typer.Option("", "--reason", help="Recorded in the history."),
+                    as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+        """Make VERSION active after verifying every file's sha256, the feature spec and the ONNX graph; a refused
+        model leaves the active one in place (exit 1)."""
+        from models import registry
+
+        before = registry.active_version()
+        try:
+            v = registry.promote(version, reason=reason)
+        except registry.RegistryError as e:
+            if as_json:
+                _echo_json({"ok": False, "error": str(e), "active": before})
+            _fail(RuntimeError(f"{e}; {before or 'no model'} stays active"))
+        if as_json:
+            _echo_json({"ok": True, "from": before, "active": v})
+        else:
+            typer.echo(f"active: {before or '-'} -> {v}")
+
+    @models_app.command("rollback")
+    def rollback_cmd(reason: str = typer.Option("", "--reason", help="Recorded in the history."),
+                     as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+        """Make the stable (last known-good) version active again."""
+        from models import registry
+
+        before = registry.active_version()
+        try:
+            v = registry.rollback(reason=reason)
+        except registry.RegistryError as e:
+            _fail(e)
+        if as_json:
+            _echo_json({"ok": True, "from": before, "active": v})
+        else:
+            typer.echo(f"active: {before or '-'} -> {v} (stable)")
+
+    @models_app.command("verify")
+    def verify_cmd(version: str | None = typer.Argument(None, help="One version (default: every one)."),
+                   as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+        """Check versions as the worker loads them: every listed file's sha256, the feature spec hash, the graph.
+        Exit 1 when any fails."""
+        from models import registry
+
+        try:
+            vs = [registry.check_version(version)] if version else registry.versions()
+        except registry.RegistryError as e:
+            _fail(e)
+        res: dict[str, str | None] = {}
+        for v in vs:
+            try:
+                registry.verify_loadable(registry._root(None) / v)
+                res[v] = None
+            except registry.RegistryError as exc:
+                res[v] = str(exc)
+        if as_json:
+            _echo_json({"ok": not any(res.values()), "versions": {v: {"ok": err is None, "error": err}
+                                                                   for v, err in res.items()}})
+        else:
+            for v, err in res.items():
+                typer.echo(f"{'ok  ' if err is None else 'FAIL'} {v}" + (f": {err}" if err else ""))
+        if any(res.values()) or (version and not res):
+            raise typer.Exit(1)
+
+
+def register_retrain(app: typer.Typer) -> None:
+    @app.command("retrain")
+    def retrain_cmd(
+        window: str = typer.Option("3d", "--window", help="Event-time window ending at the feature log's newest "
+                                   "click (or --end): 3d, 36h, 90m."),
+        end: str | None = typer.Option(None, "--end", help="Window end: epoch ms or ISO time (default: newest)."),
+        data: Path | None = typer.Option(None, "--data", help="Train on a dataset folder (its whole span) "  # noqa: B008
+                                         "instead of the topics."),
+        dry_run: bool = typer.Option(False, "--dry-run", help="Stop before promoting (the candidate is kept)."),
+        force: bool = typer.Option(False, "--force", help="Redo a window already retrained."),
+        model: str = typer.Option("mlp", "--model", help="mlp | logreg | heuristic"),
+        sets: list[str] = typer.Option([], "--set", help="Config override key=value (models/config.py)."),  # noqa: B008
+        as_json: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object."),
+    ) -> None:
+        """Retrain from what the stream saw: data guardrails -> train -> calibrate -> model guardrails -> register
+        as candidate -> promote. Once per window; exit 1 with the report when a guardrail refuses."""
+        from models.calibrate import CalibrationError
+        from models.retrain import parse_time, retrain
+
+        try:
+            res = retrain(window=window, data_dir=data, end_ms=parse_time(end) if end else None, cfg=_config(sets),
+                          kind=model, dry_run=dry_run, force=force)
+        except (ValueError, RuntimeError, CalibrationError, FileNotFoundError) as exc:
+            _fail(exc)
+        status = res["status"] if res["status"] != "done" else res["previous"]["status"]
+        if as_json:
+            _echo_json(res)
+        else:
+            w = res["window"]
+            if res["status"] == "done":
+                typer.echo(f"window {w['start']} .. {w['end']} already retrained: {status} "
+                           f"{res['previous'].get('version') or ''} ({res['record']})")
+            else:
+                for line in (res.get("report") or {}).get("checks", []):
+                    if not line["ok"]:
+                        typer.secho(f"FAIL {line['kind']}.{line['name']}: {line['detail']}", fg=typer.colors.RED,
+                                    err=True)
+                typer.echo(f"{status}: {res.get('version') or 'no model'} (window {w['start']} .. {w['end']}"
+                           + (f", report {res['record']}" if res.get("record") else "") + ")")
+        if status == "refused":
+            raise typer.Exit(1)
 
 
 def _fmt(v: Any) -> str:
