@@ -268,9 +268,10 @@ def train_and_calibrate(data: Path, model: Path, report: Path, fpr_budget: float
 
 def _offline_line(ev: dict[str, Any]) -> str:
     o = ev.get("overall", {})
-    parts = [f"{k} {o[k]:.4f}" for k in ("ivr", "fpr", "coverage", "auc", "bot_recall", "human_false_invalidation")
-             if isinstance(o.get(k), float)]
-    return "offline, held-out day: " + ", ".join(p.replace("_", " ") for p in parts)
+    names = {"ivr": "IVR", "fpr": "FPR", "coverage": "coverage", "auc": "AUC", "bot_recall": "true bot recall",
+             "human_false_invalidation": "true human false-invalidation"}
+    parts = [f"{v} {o[k]:.3f}" for k, v in names.items() if isinstance(o.get(k), float)]
+    return "offline, held-out day: " + ", ".join(parts[:4]) + ("\n   " + ", ".join(parts[4:]) if parts[4:] else "")
 
 
 def _stop(worker: subprocess.Popen[bytes]) -> None:
@@ -332,7 +333,7 @@ def _run(screen: Screen, work: Path, *, scenario: str, seed: int, hours: float, 
     n_keys = cache.load(s, cache.profiles_from_dir(work / "data"))
     screen.done(f"(ACTIVE={version}, {n_keys:,} profile keys)")
 
-    screen.step(f"5/6 start a worker; stream {warmup_hours:g} h of history at full speed (fills its counters),")
+    screen.step(f"5/6 start a worker; stream {warmup_hours:g} h of history at full speed (its counters),")
     screen.console.print(f"[bold]       then, once it has caught up, the last {hours:g} h at "
                          f"{f'{rate:g} clicks/s' if rate else 'full speed'}[/bold]")
     services.create_topics(s)

@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 
 BATCH = 2000  # records per acknowledged batch (= checkpoint granularity)
 LINGER_MS = 10  # producer linger: let batches fill
+PACED_LINGER_MS = 1  # with --rate the paced batches are small already: a linger only delays every click (the
+#                      demo's click-to-decision latency counts it; bench latency's producer uses 1 ms too)
 
 
 @dataclass
@@ -152,7 +154,8 @@ async def produce(
             loop.add_signal_handler(sig, stop.set)
             installed.append(sig)
 
-    producer = AIOKafkaProducer(**s.kafka_client_kwargs(), acks="all", linger_ms=LINGER_MS,
+    producer = AIOKafkaProducer(**s.kafka_client_kwargs(), acks="all",
+                                linger_ms=LINGER_MS if rate is None else PACED_LINGER_MS,
                                 max_batch_size=256 * 1024, enable_idempotence=True)
     await producer.start()
     sent_c = sent_p = 0
