@@ -96,6 +96,7 @@ class Getter:
 
     kind: str  # "column" | "template" | "const"
     text: str
+    cols: tuple[str, ...] = ()  # the columns a template reads
 
     @staticmethod
     def of(value: Any) -> Getter:
@@ -103,24 +104,23 @@ class Getter:
             return Getter("const", str(value))
         if value.startswith("="):
             return Getter("const", value[1:])
-        return Getter("template" if "{" in value else "column", value)
+        if "{" in value:
+            return Getter("template", value, tuple(dict.fromkeys(
+                m for m in _FIELD_RE.findall(value) if not m.startswith("_"))))
+        return Getter("column", value)
 
     def columns(self) -> set[str]:
-        if self.kind == "column":
-            return {self.text}
-        if self.kind == "template":
-            return {m for m in _FIELD_RE.findall(self.text) if not m.startswith("_")}
-        return set()
+        return {self.text} if self.kind == "column" else set(self.cols)
 
     def __call__(self, row: Mapping[str, Any], extra: Mapping[str, Any]) -> Any:
-        if self.kind == "const":
-            return self.text
         if self.kind == "column":
             return row.get(self.text)
-        vals = {k: _int_float(row.get(k)) for k in self.columns()}
-        missing = [k for k, v in vals.items() if _empty(v)]
-        if missing:
-            raise Reject(f"{missing[0]}: empty")
+        if self.kind == "const":
+            return self.text
+        vals = {k: _int_float(row.get(k)) for k in self.cols}
+        for k, v in vals.items():
+            if v is None or v == "" or (isinstance(v, str) and not v.strip()):
+                raise Reject(f"{k}: empty")
         try:
             return self.text.format(**vals, **extra)
         except (ValueError, KeyError, IndexError) as e:
