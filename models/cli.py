@@ -86,7 +86,9 @@ def register(app: typer.Typer) -> None:
 
         try:
             ev = evaluate_dir(model_dir, data_dir, split)
-        except (GuardrailError, FileNotFoundError, KeyError) as e:
+        except GuardrailError as e:
+            _fail(GuardrailError(f"{e} (to apply a model to unlabelled traffic: slidr score MODEL DIR --out FILE)"))
+        except (FileNotFoundError, KeyError) as e:
             _fail(e)
         if as_json:
             typer.echo(orjson.dumps(ev, option=orjson.OPT_INDENT_2).decode())

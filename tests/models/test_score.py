@@ -105,3 +105,7 @@ def test_cli_score_csv_output(csv_file: Path, model: Path, tmp_path: Path) -> No
     assert {x["purchased"] for x in rows} == {"false"}
     r = CliRunner().invoke(app, ["score", str(model), str(tmp_path / "d"), "--out", str(tmp_path / "s.txt")])
     assert r.exit_code == 1 and ".csv or .parquet" in r.output
+    mf = model / "manifest.json"  # the toy manifest's config is its weights, not a TrainConfig: evaluate reads one
+    mf.write_bytes(orjson.dumps({**orjson.loads(mf.read_bytes()), "config": {}}))
+    r = CliRunner().invoke(app, ["evaluate", str(model), str(tmp_path / "d")])  # no purchases: no weak labels
+    assert r.exit_code == 1 and "only weak label" in r.output and "slidr score" in r.output, r.output
