@@ -4,6 +4,7 @@ and the TalkingData sample through the generic path (same dataset as ``slidr imp
 from __future__ import annotations
 
 import csv
+from datetime import UTC, datetime
 from pathlib import Path
 
 import orjson
@@ -118,6 +119,9 @@ def test_timestamps_and_mapping_errors(tmp_path: Path) -> None:
     assert parse_ts("1700000000.5", "epoch_s") == T0 + 500
     assert parse_ts("2023-11-14T23:13:20+01:00") == parse_ts("2023-11-14 22:13:20") == T0
     assert parse_ts("14/11/2023 22:13", "%d/%m/%Y %H:%M") == T0 - 20_000
+    # Parquet timestamp columns come as datetimes (naive = UTC)
+    assert parse_ts(datetime(2023, 11, 14, 22, 13, 20)) == parse_ts(datetime(2023, 11, 14, 22, 13, 20,
+                                                                              tzinfo=UTC)) == T0
     with pytest.raises(MappingError, match="must give"):
         import_table([_odd_csv(tmp_path / "c.csv")], tmp_path / "o", parse_mapping("click_id=Click ID"))
     with pytest.raises(MappingError, match="does not have"):
