@@ -130,18 +130,20 @@ def from_dataset(data_dir: Path, cfg: TrainConfig) -> Source:
 async def _read_topic(s: Settings, topic: str, handle: Any) -> int:
     """Hand every message of ``topic`` (from the beginning up to the end offsets seen at the start) to
     ``handle(value)``; returns the count."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+    p = AIOKafkaProducer(**s.kafka_client_kwargs())  # partitions_for: the public metadata call
+    await p.start()
+    try:
+        parts = await p.partitions_for(topic)
+    finally:
+        await p.stop()
+    if not parts:
+        raise RuntimeError(f"topic {topic} does not exist")
     c = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **s.kafka_client_kwargs())
     await c.start()
     n = 0
     try:
-        parts = c.partitions_for_topic(topic) or set()
-        if not parts:
-            await c.force_metadata_update()
-            parts = c.partitions_for_topic(topic) or set()
-        if not parts:
-            raise RuntimeError(f"topic {topic} does not exist")
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         c.assign(tps)
         await c.seek_to_beginning(*tps)
