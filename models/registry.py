@@ -200,7 +200,8 @@ def publish(model_dir: Path, settings: Settings | None = None, *, activate: bool
 
 def promote(version: str, settings: Settings | None = None, *, reason: str = "") -> str:
     """Make a registered version active after checking it as the worker will load it (``verify_loadable``); with
-    no STABLE yet it becomes stable too. A refused version leaves ACTIVE as it was; the refusal is recorded in the history. Returns the version.
+    no STABLE yet it becomes stable too. A refused version leaves ACTIVE as it was; the refusal is recorded in the
+    history. Returns the version.
     """
     v = check_version(version)
     d = _root(settings) / v
