@@ -16,10 +16,12 @@ feature spec); a second run with the same key does nothing and returns that outc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,6 +82,7 @@ class Source:
     outages: list[tuple[int, int]] = field(default_factory=list)  # declared purchase-label outages
     counts: dict[str, int] = field(default_factory=dict)
     error: str = ""
+    prev_volume: dict[str, Any] | None = None  # slice volume of the window before, when the source still holds it
 
 
 def training_data(x: npt.NDArray[np.float32], ts: npt.NDArray[np.int64], purchased: npt.NDArray[np.bool_],
@@ -170,7 +173,7 @@ def from_stream(s: Settings, cfg: TrainConfig, window_ms: int, end_ms: int | Non
     from stream.stages import read_feature_log
 
     t = Topics(s.topic_prefix)
-    rows: dict[str, tuple[int, list[float]]] = {}
+    rows: dict[str, tuple[int, npt.NDArray[np.float32]]] = {}  # float32 rows: a quarter of Python lists' memory
     counts = {"feature_log_rows": 0, "redelivered": 0, "degraded": 0, "other_spec": 0}
 
     def on_log(value: bytes) -> None:
@@ -183,7 +186,7 @@ def from_stream(s: Settings, cfg: TrainConfig, window_ms: int, end_ms: int | Non
             elif r["click_id"] in rows:
                 counts["redelivered"] += 1
             else:
-                rows[r["click_id"]] = (int(r["ts"]), r["features"])
+                rows[r["click_id"]] = (int(r["ts"]), np.asarray(r["features"], dtype=np.float32))
 
     clicks: dict[str, Click] = {}
     buys: dict[str, list[int]] = {}
@@ -217,9 +220,12 @@ def from_stream(s: Settings, cfg: TrainConfig, window_ms: int, end_ms: int | Non
     missing = [cid for cid in ids if cid not in clicks]
     ids = [cid for cid in ids if cid in clicks]  # arrival order: event time, then click id
     counts |= {"clicks": len(ids), "not_in_clicks_topic": len(missing)}
+    before = [clicks[cid] for cid, (ts, _) in rows.items() if start - window_ms <= ts < start and cid in clicks]
+    prev_volume = guardrails.slice_volume(np.array([c.ts for c in before], dtype=np.int64),
+                                          np.array([c.slice for c in before], dtype=str)) if before else None
     cs = [clicks[cid] for cid in ids]
     n = len(ids)
-    x = np.array([rows[cid][1] for cid in ids], dtype=np.float32).reshape(n, len(FEATURE_NAMES))
+    x = np.stack([rows[cid][1] for cid in ids]) if n else np.zeros((0, len(FEATURE_NAMES)), dtype=np.float32)
     ts = np.fromiter((rows[cid][0] for cid in ids), dtype=np.int64, count=n)
     purchased = np.fromiter((cid in buys for cid in ids), dtype=bool, count=n)
     known = x[:, FEATURE_NAMES.index("rfm_known")] > 0.5
@@ -238,7 +244,7 @@ def from_stream(s: Settings, cfg: TrainConfig, window_ms: int, end_ms: int | Non
     except GuardrailError as e:
         err = str(e)
     return Source(td=td, x=x, ts=ts, purchased=purchased, slices=np.array(slices, dtype=str), purchase_ts=buy_ts,
-                  window=(start, end), desc=desc, counts=counts, error=err)
+                  window=(start, end), desc=desc, counts=counts, error=err, prev_volume=prev_volume)
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -256,9 +262,12 @@ def _records(s: Settings) -> list[dict[str, Any]]:
     return [dict(orjson.loads(p.read_bytes())) for p in sorted(d.glob("*.json"))] if d.is_dir() else []
 
 
-def _previous_volume(s: Settings, src: Source, key: str) -> dict[str, Any] | None:
-    """The slice volume of the latest recorded window ending before this one ends (another key)."""
-    prev = [r for r in _records(s) if r["key"] != key and r["window"]["end_ms"] <= src.window[1] and r.get("volume")]
+def _previous_volume(s: Settings, src: Source) -> dict[str, Any] | None:
+    """The slice volume of the window before this one: from the source when it still holds that window (the
+    feature log's retention), else that of the latest recorded retrain whose window ended earlier."""
+    if src.prev_volume is not None:
+        return src.prev_volume
+    prev = [r for r in _records(s) if r["window"]["end_ms"] < src.window[1] and r.get("volume")]
     return max(prev, key=lambda r: r["window"]["end_ms"])["volume"] if prev else None
 
 
@@ -277,9 +286,6 @@ def retrain(*, window: str | None = "3d", data_dir: Path | None = None, end_ms: 
     """One retrain; returns ``{"status": promoted | candidate | refused | done, "key", "window", "version",
     "report", "evaluation", "record"}`` (``done``: the window was already retrained, ``previous`` is that outcome).
     A refused run never touches ACTIVE; ``dry_run`` stops before promoting (its candidate stays registered)."""
-    from models.calibrate import CalibrationError
-    from models.pipeline import _clean, _refresh_manifest, calibrate_dir, evaluate_dir, train_to_dir
-
     s = settings or get_settings()
     cfg = (cfg or TrainConfig()).replace(model=kind)
     if data_dir is not None:
@@ -290,6 +296,30 @@ def retrain(*, window: str | None = "3d", data_dir: Path | None = None, end_ms: 
     win = {"start": _iso(src.window[0]), "end": _iso(src.window[1]), "start_ms": src.window[0],
            "end_ms": src.window[1]}
     log.info("retrain window %s .. %s (%s): key %s", win["start"], win["end"], src.desc, key)
+    with _window_lock(s, key):
+        return _run(s, src, key, win, cfg, kind, dry_run, force)
+
+
+@contextlib.contextmanager
+def _window_lock(s: Settings, key: str) -> Iterator[None]:
+    """One run per window at a time: an flock on ``<registry>/.retrain/<key>.lock`` (released if the run dies)."""
+    import fcntl
+
+    path = s.registry_path / RETRAIN_DIR / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"another slidr retrain of this window is running (it holds {path})") from None
+        yield
+
+
+def _run(s: Settings, src: Source, key: str, win: dict[str, Any], cfg: TrainConfig, kind: str, dry_run: bool,
+         force: bool) -> dict[str, Any]:
+    from models.calibrate import CalibrationError
+    from models.pipeline import _clean, _refresh_manifest, calibrate_dir, evaluate_dir, train_to_dir
+
     done = s.registry_path / RETRAIN_DIR / f"{key}.json"
     if done.exists() and not force:
         prev = dict(orjson.loads(done.read_bytes()))
@@ -312,7 +342,7 @@ def retrain(*, window: str | None = "3d", data_dir: Path | None = None, end_ms: 
 
     # 1. data guardrails
     report = guardrails.data_checks(src.x, src.ts, src.purchased, src.slices, src.purchase_ts, s,
-                                    _previous_volume(s, src, key), src.outages, label_gaps=not cfg.allow_label_gaps)
+                                    _previous_volume(s, src), src.outages, label_gaps=not cfg.allow_label_gaps)
     if src.error:
         report.checks.append(Check("data", "splits", False, src.error))
     log.info("data guardrails: %s", "passed" if report.ok else f"{len(report.failed())} check(s) failed")

@@ -199,3 +199,17 @@ def test_a_broken_model_is_refused_and_never_promoted(small: Path, tmp_path: Pat
     assert 0.45 < cand < 0.55
     assert registry.active_version(s) == good["version"] and "broken-half" not in registry.versions(s)
     assert [e["action"] for e in registry.history(s)] == ["register", "promote", "mark_stable"]
+
+
+def test_one_retrain_per_window_at_a_time(tmp_path: Path) -> None:
+    from models.retrain import _window_lock
+
+    s = Settings(registry_path=tmp_path / "reg")
+    with _window_lock(s, "w1"):
+        busy = pytest.raises(RuntimeError, match="another slidr retrain of this window is running")
+        with busy, _window_lock(s, "w1"):
+            pass
+        with _window_lock(s, "w2"):  # another window: free
+            pass
+    with _window_lock(s, "w1"):  # released
+        pass
