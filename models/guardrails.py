@@ -221,7 +221,8 @@ def data_checks(x: npt.NDArray[np.float32], ts_ms: npt.NDArray[np.int64], purcha
     return Report(checks)
 
 
-def model_checks(cand: dict[str, Any], stable: dict[str, Any] | None, s: Any) -> Report:
+def model_checks(cand: dict[str, Any], stable: dict[str, Any] | None, s: Any,
+                 why_none: str = "no stable model") -> Report:
     """The model guardrails: per slice, the candidate's IVR, FPR and coverage on the evaluation window against
     the stable model's on the same rows (``metrics.evaluate`` output) and an FPR ceiling."""
     checks: list[Check] = []
@@ -253,7 +254,7 @@ def model_checks(cand: dict[str, Any], stable: dict[str, Any] | None, s: Any) ->
                 f"coverage {c['coverage']:.4f} vs stable {b['coverage']:.4f} (at most -{s.guard_coverage_max_drop:g})",
                 drop=d)
     if stable is None:
-        checks.append(Check("model", "stable_baseline", True, "no stable model: only the FPR ceiling applies"))
+        checks.append(Check("model", "stable_baseline", True, f"{why_none}: only the FPR ceiling applies"))
     return Report(checks)
 
 

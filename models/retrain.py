@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -370,15 +371,16 @@ def _run(s: Settings, src: Source, key: str, win: dict[str, Any], cfg: TrainConf
     te = td.rows(TEST)
     rows = (td.x[te], td.purchased[te], td.heavy[te], td.slices[te], td.label[te])
     cand = guardrails.model_slice_metrics(work, *rows)
-    stable_v, stable = registry.stable_version(s), None
+    stable_v, stable, why = registry.stable_version(s), None, "no stable model"
     if stable_v is not None:
         from stream.scoring import ModelError
 
         try:
             stable = guardrails.model_slice_metrics(s.registry_path / stable_v, *rows)
-        except ModelError as e:
-            log.warning("stable model %s cannot score this window (%s): relative checks skipped", stable_v, e)
-    model_report = guardrails.model_checks(cand, stable, s)
+        except ModelError as e:  # e.g. trained on another feature spec: nothing to compare with on these rows
+            why = f"the stable model {stable_v} cannot score this window ({e})"
+            log.warning("%s: relative checks skipped", why)
+    model_report = guardrails.model_checks(cand, stable, s, why)
     report.checks.extend(model_report.checks)
     out["stable_version"] = stable_v
     out["model_metrics"] = {"candidate": cand, "stable": stable}
@@ -391,6 +393,7 @@ def _run(s: Settings, src: Source, key: str, win: dict[str, Any], cfg: TrainConf
     reason = f"retrain {win['start']}..{win['end']} ({key})"
     _refresh_manifest(work, retrain={"key": key, "window": win, "source": src.desc, "stable_version": stable_v})
     version = registry.register(work, s, reason=reason)
+    shutil.rmtree(work, ignore_errors=True)  # copied into the registry (a refused one stays there to inspect)
     out["version"] = version
     log.info("registered candidate %s", version)
     if dry_run:

@@ -130,6 +130,8 @@ def test_retrain_from_the_stream_matches_the_dataset_folder(kenv: Any, tmp_path:
     got = retrain(window="2d", cfg=cfg, dry_run=True, settings=s)
     want = retrain(data_dir=plain, cfg=cfg, dry_run=True, settings=s)
     assert got["status"] in ("candidate", "refused") and "evaluation" in got and "evaluation" in want
+    print(f"stream retrain (dry run) against the worker's toy stable model: {got['status']} "
+          f"{got['report']['failed']}")
     g, w = got["evaluation"]["overall"], want["evaluation"]["overall"]
     print("test split, stream vs folder: " + ", ".join(f"{k} {g[k]:.4f} / {w[k]:.4f}"
                                                        for k in ("ivr", "fpr", "coverage", "auc")))
