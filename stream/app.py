@@ -28,11 +28,12 @@ At-least-once: Faust acks a batch's events, in offset order, only after the batc
 caused (by-ip records, decisions, feature log, table changes) to the producer, and it flushes the producer
 before it commits acked offsets (``stream/faust_fixes.py`` corrects which acked offsets it may commit), so no
 offset is committed before everything it caused is in Kafka. Redelivered clicks are recognised by their
-position and get back the features they had the first time (``stream.state.apply``), so a crash never double
-counts and a repeated decision equals the first; their keys' states are written again, so a changelog left
-behind the local store by a crash catches up. What goes wrong inside a batch is handled by the stage's error
-policy (``stream/stages.py``): dead letters, degraded scoring without Redis, all-or-nothing retries, and a
-stop without committing when nothing else is safe. Every stage has concurrency 1
+position (``stream.state.apply``): a batch's outputs are acknowledged before its table state is written, so a
+redelivered click is either computed again from the state it saw the first time or known to be in Kafka
+already; a crash never double counts and a repeated decision equals the first. Their keys' states are written
+again, so a changelog left behind the local store by a crash catches up. What goes wrong inside a batch is
+handled by the stage's error policy (``stream/stages.py``): dead letters, degraded scoring without Redis,
+all-or-nothing retries, and a stop without committing when nothing else is safe. Every stage has concurrency 1
 (faust-streaming issue 606). The event loop is uvloop when installed, and the worker turns off Faust's terminal
 spinner, which set the root logger to DEBUG (a log record built per record sent).
 """
@@ -52,7 +53,6 @@ from slidr.topics import Topics, TopicSpec, changelog_topic, topic_specs
 from stream import faust_fixes, metrics
 from stream.scoring import Model, active_model_dir, load_model
 from stream.stages import (  # noqa: F401  (re-exported: tests and tools read records with these)
-    BATCH_MAX,
     FORWARDED,
     IP_BATCH_WITHIN_S,
     IP_RECORDS_PER_BATCH,
@@ -97,7 +97,6 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     follow_registry = model is None and model_dir is None  # hot swap: follow the registry's ACTIVE pointer
     if model is None:
         model = load_model(model_dir or active_model_dir(s.registry_path), s.onnx_providers)
-    log.info("scoring with model %s on %s", model.version, model.provider)
     metrics.set_active(model.version)
     t = Topics(s.topic_prefix)
     datadir = Path(data_dir or s.home / "faust" / s.worker_id)
@@ -157,11 +156,8 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         FutureMessage, callbacks and sensors per record). Faust flushes it before every offset commit."""
         return app.producer._ensure_producer()  # type: ignore[attr-defined]
 
-    def committed(topic_name: str, partition: int) -> int:
-        return faust_fixes.committed_offset(app.consumer, topic_name, partition)
-
-    users = UserStage(s, t, TableWriter(table(USERS_TABLE)), producer, committed, by_user_name, by_ip_name)
-    ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, committed, by_ip_name, model)
+    users = UserStage(s, t, TableWriter(table(USERS_TABLE)), producer, by_user_name, by_ip_name)
+    ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, by_ip_name, model)
 
     @app.agent(user_in, concurrency=1)
     async def user_stage(stream: Any) -> None:
@@ -193,9 +189,9 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
 
     @app.timer(30.0)
     async def report() -> None:
-        log.info("decided %d (degraded %d), dead letters %d, redelivered %d, copies %d, failed batch attempts %d, "
+        log.info("decided %d (degraded %d), dead letters %d, copies %d, failed batch attempts %d, "
                  "keys users %d ips %d (evicted early %d)",
-                 ips.decided, ips.degraded, users.dead + ips.dead, users.stats.redelivered + ips.stats.redelivered,
+                 ips.decided, ips.degraded, users.dead + ips.dead,
                  users.stats.copies + ips.stats.copies, users.failed_attempts + ips.failed_attempts,
                  sum(users.writer.count.values()), sum(ips.writer.count.values()),
                  users.writer.evicted + ips.writer.evicted)

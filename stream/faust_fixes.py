@@ -87,16 +87,6 @@ def _new_offset(self: Any, tp: Any) -> int | None:
     return int(batch[-1]) + 1
 
 
-def committed_offset(consumer: Any, topic: str, partition: int) -> int:
-    """The group's committed offset (the next offset to read) of a partition as this consumer knows it: read
-    from the broker at assignment, then each commit of ours; -1 when none is known. (Faust keeps it in a
-    private mapping: this is the one place that reads it.)"""
-    from faust.types import TP
-
-    off = consumer._committed_offset.get(TP(topic, partition))
-    return -1 if off is None else int(off)
-
-
 def consumer_lag(consumer: Any) -> dict[Any, int]:
     """Per assigned partition, the messages between the last one read and the partition's end (Faust's
     consumer keeps both: the highwater of the last fetch and the read offset, privately)."""

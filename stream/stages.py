@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 FORWARDED = 1 << 16  # by-ip "p" tag of a click that came through by-user: FORWARDED + its by-user partition
 IP_RECORDS_PER_BATCH = 16  # by-ip records scored together at most (each holds one user-stage flush's share)
 IP_BATCH_WITHIN_S = 0.002  # longest the IP stage waits for more records before it scores what it has
-BATCH_MAX = 1 << 16  # most clicks in one by-ip record (settings cap score_batch_size below it)
 RECORD_MAX_BYTES = 512 * 1024  # by-ip and feature-log records stay under this (Kafka's default limit is 1 MB)
 FAILPOINTS = ("user.begin", "user.write", "user.flush", "ip.begin", "ip.score", "ip.write", "ip.flush")
 EXIT_FAIL_STOP = 70
@@ -120,14 +119,12 @@ class Stage:
 
     name = "stage"
 
-    def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any],
-                 committed: Callable[[str, int], int]) -> None:
+    def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any]) -> None:
         self.s = s
         self.t = topics
         self.writer = writer
         self.out = Publisher(producer, lambda topic: 1 if topic == topics.dead_letters else s.partitions,
                              on_failure=fail_stop)
-        self._committed = committed  # (topic, partition) -> the group's committed offset there, -1 if none
         self.stats = Stats()
         self.batches = 0
         self.failed_attempts = 0
@@ -182,13 +179,19 @@ class Stage:
         self.writer.sweep(partition, now_ms, budget, evict)
 
     async def commit_batch(self) -> None:
-        """The end of every batch: 1. table changes into the local store (one RocksDB write batch per partition)
-        and the changelog records into the publisher; 2. every record of the batch handed to the producer; 3.
-        the changelog offsets recorded as persisted once acknowledged. Faust then acks the batch's events (the
-        take_events loop) and flushes the producer before it commits them."""
+        """The end of every batch, in this order (``stream/state.py``'s module doc says why):
+        1. the batch's outputs (by-ip records / decisions, feature log, dead letters) handed to the producer and
+           acknowledged by Kafka (a send that fails raises here: the batch is taken again, then the worker stops);
+        2. its table changes into the local store (one RocksDB write batch per partition) and their changelog
+           records to the producer, not awaited; their offsets are recorded as persisted once acknowledged.
+        Faust then acks the batch's events (the take_events loop) and flushes the producer before it commits
+        them, so no offset is committed before everything the batch caused is in Kafka."""
+        faults.hit(f"{self.name}.flush")
+        sent = await self.out.flush()
+        if sent:
+            await asyncio.gather(*(fut for _, _, _, fut in sent))
         faults.hit(f"{self.name}.write")
         self.writer.write(self.out)
-        faults.hit(f"{self.name}.flush")
         self.writer.persisted(await self.out.flush())
 
     def dead_letter(self, msg: Any, raw: bytes, field: str, reason: str) -> None:
@@ -203,8 +206,8 @@ class UserStage(Stage):
     name = "user"
 
     def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any],
-                 committed: Callable[[str, int], int], by_user: str, by_ip: str) -> None:
-        super().__init__(s, topics, writer, producer, committed)
+                 by_user: str, by_ip: str) -> None:
+        super().__init__(s, topics, writer, producer)
         self.by_user = by_user
         self.by_ip = by_ip
         self.clock: dict[int, int] = {}  # clicks partition -> latest event time seen there (the sweeps' clock)
@@ -225,11 +228,6 @@ class UserStage(Stage):
             return (f"event time {ts} is {behind / 3_600_000:.1f} h behind its partition's newest event time "
                     f"(the longest window, 24 h, + max_lateness_s {self.s.max_lateness_s:g})")
         return ""
-
-    def committed(self, tag: int) -> int:
-        if tag >= FORWARDED:
-            return self._committed(self.by_user, tag - FORWARDED)
-        return self._committed(self.t.clicks, tag)
 
     async def step(self, events: list[Any]) -> None:
         faults.hit("user.begin")
@@ -280,8 +278,7 @@ class UserStage(Stage):
                     return 0
                 tag = msg.partition
                 src = (msg.partition, msg.offset)
-            out = apply(self.writer, msg.partition, event.key, c, tag, msg.offset, src, F.update_user,
-                        self.committed, self.stats, check_id=True)
+            out = apply(self.writer, msg.partition, event.key, c, src, F.update_user, self.stats, check_id=True)
             if out is DUPLICATE_ID:
                 self.dead_letter(msg, raw, "click_id", "duplicate: this user key had a click with this id "
                                  "(decided already; a resend is not counted)")
@@ -358,8 +355,8 @@ class IpStage(Stage):
     name = "ip"
 
     def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any],
-                 committed: Callable[[str, int], int], by_ip: str, model: Model) -> None:
-        super().__init__(s, topics, writer, producer, committed)
+                 by_ip: str, model: Model) -> None:
+        super().__init__(s, topics, writer, producer)
         self.by_ip = by_ip
         self.model = model
         self.cache = ProfileCache(s)
@@ -369,9 +366,6 @@ class IpStage(Stage):
         self.degraded = 0
         self.dead = 0
         self._decided: Counter[tuple[str, str, str]] = Counter()  # (slice, valid, version) -> decisions, last batch
-
-    def committed(self, tag: int) -> int:
-        return self._committed(self.by_ip, tag)
 
     async def step(self, events: list[Any]) -> None:
         faults.hit("ip.begin")
@@ -404,14 +398,12 @@ class IpStage(Stage):
         click by click and add the clicks to score. Returns the dead letters it caused."""
         msg = event.message
         p = msg.partition
-        base = msg.offset * BATCH_MAX
         n = dead = 0
         for i, rec in enumerate(orjson.loads(event.value)):
             try:
                 c = ClickView(rec["c"])
                 src = (rec["p"][0], rec["p"][1])
-                out = apply(self.writer, p, c.ip_key.encode(), c, p, base + i, src, F.update_ip, self.committed,
-                            self.stats, scale=BATCH_MAX)
+                out = apply(self.writer, p, c.ip_key.encode(), c, src, F.update_ip, self.stats)
             except Exception as e:  # (as in the user stage)
                 log.exception("ip stage: click %d of by-ip[%d]@%d could not be processed", i, p, msg.offset)
                 self.dead_letter(msg, orjson.dumps(rec.get("c") if isinstance(rec, dict) else rec), "worker",

@@ -1,18 +1,17 @@
 """Table state of the worker's stages: a per-batch transaction over a Faust table (``TableWriter``), the light view
-of an already validated click (``ClickView``), and the per-key redelivery bookkeeping (``apply``).
+of an already validated click (``ClickView``), and the per-key redelivery rule (``apply``).
 
 Redelivery (at-least-once). A stage can see a click again: after a crash or a failed batch its input offsets
 were not committed, so Faust redelivers them, while its table state (local store, changelog) may already hold
-them. Such a click must get the features it had the first time, or its second decision would differ from the
-first (read from a state that already counts the clicks after it). So a state keeps, for each click applied
-since its input offset was last committed, the click's input position and its features (``"r"``:
-``[[tag, offset, features], ...]``); an entry goes once the group's committed offset of that input partition has
-passed it (such a click is never delivered again, to any worker). ``apply`` is the one rule for both stages.
+them. A repeated decision must equal the first, so a batch's outputs (by-ip records, decisions, feature log,
+dead letters) are acknowledged by Kafka BEFORE its table state is written (``stages.Stage.commit_batch``). Then a
+redelivered click is one of two cases: its key's state does not hold it, and it is computed again from the very
+state it saw the first time (the functions are pure: the same features, the same outputs); or the state holds it,
+and its outputs are in Kafka already: it is a copy, and nothing is sent again (``apply`` answers None).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from functools import partial
 from types import SimpleNamespace
 from typing import Any
@@ -170,31 +169,10 @@ class TableWriter:
             self.store.set_persisted_offset(TP(self.topic, partition), fut.result().offset + n - 1)
 
 
-Committed = Callable[[int], int]  # input tag -> the group's committed offset there (-1: none known)
-
-
-def _recent(st: F.State, tag: int, offset: int) -> list[float] | None:
-    for t, o, feats in st.get("r", ()):
-        if t == tag and o == offset:
-            return feats
-    return None
-
-
-def _remember(st: F.State, tag: int, offset: int, feats: list[float], committed: Committed,
-              scale: int = 1) -> None:
-    """Add this click's features to the state's recent entries and drop the entries whose input offset the
-    group has committed past (``offset // scale`` is the input offset: the IP stage numbers the clicks inside
-    a by-ip record)."""
-    keep = [e for e in st.get("r", ()) if e[1] // scale >= committed(e[0])]
-    keep.append([tag, offset, feats])
-    st["r"] = keep
-
-
 class Stats(SimpleNamespace):
     """Counters of one stage (logged, and read by tests through the log)."""
 
-    redelivered: int = 0  # clicks seen again and given their first features back
-    copies: int = 0  # upstream copies of a click applied already (nothing to decide again)
+    copies: int = 0  # clicks seen again that the state holds already (their outputs are in Kafka: nothing sent)
     duplicate_ids: int = 0  # clicks whose id their user key had seen (a producer's resend): dead-lettered
 
 
@@ -202,34 +180,25 @@ DUPLICATE_ID = [-1.0]  # apply's answer for a click whose id its key has seen (a
 RECENT_IDS = 16  # click ids remembered per user key to recognise a producer's resend
 
 
-def apply(cl: TableWriter, partition: int, key: bytes, c: F.ClickLike, tag: int, own: int, src: tuple[int, int],
-          update: Any, committed: Committed, stats: Stats, scale: int = 1,
-          check_id: bool = False) -> list[float] | None:
-    """One click through a per-key table stage, with at-least-once redelivery handled exactly.
+def apply(cl: TableWriter, partition: int, key: bytes, c: F.ClickLike, src: tuple[int, int], update: Any,
+          stats: Stats, check_id: bool = False) -> list[float] | None:
+    """One click through a per-key table stage, with at-least-once redelivery handled exactly (module doc).
 
-    ``(tag, own)``: the click's position in this stage's input (``own // scale`` the input offset); ``src``: its
-    position upstream (the clicks topic). Returns its features, the very ones it had when first applied if this
-    is a redelivery, or None for an upstream copy of a click applied already (decided, or to be, on its own: a
-    click applied here is in ``"r"`` until its input offset is committed, so a copy is never a redelivery).
+    ``src``: the click's position in the clicks topic (its dedupe key, also downstream). Returns its features, or
+    None for a click the state holds already (its outputs were acknowledged before the state was written).
     ``check_id`` (the user stage): a click whose id is among the key's last ``RECENT_IDS`` (``"ids"``) is a
     producer's resend: ``DUPLICATE_ID``, never counted, so it cannot change any click's features.
     """
     st = cl.get(partition, key)
     if st is not None:
-        feats = _recent(st, tag, own)
-        if feats is not None:  # this very input position again (a crash or a failed batch before the commit)
-            stats.redelivered += 1
-            cl.put(partition, key, st)  # the local store may be ahead of the changelog after a crash: re-send
-            return feats
         if F.is_duplicate(st, src):
             stats.copies += 1
-            cl.put(partition, key, st)  # (as above)
+            cl.put(partition, key, st)  # the local store may be ahead of the changelog after a crash: re-send
             return None
         if check_id and c.click_id in st.get("ids", ()):
             stats.duplicate_ids += 1
             return DUPLICATE_ID
     st, feats = update(st, c, src)
-    _remember(st, tag, own, feats, committed, scale)
     if check_id:
         st["ids"] = [*st.get("ids", ())[-(RECENT_IDS - 1):], c.click_id]
     cl.put(partition, key, st)

@@ -73,8 +73,8 @@ class Harness:
         model = load_model(folder / "registry" / "toy-h")
         uw, self.user_dbs = _writer(folder, "users")
         iw, self.ip_dbs = _writer(folder, "ips")
-        self.users = UserStage(self.s, self.t, uw, lambda: None, lambda topic, p: -1, "h.by-user", "h.by-ip")
-        self.ips = IpStage(self.s, self.t, iw, lambda: None, lambda topic, p: -1, "h.by-ip", model)
+        self.users = UserStage(self.s, self.t, uw, lambda: None, "h.by-user", "h.by-ip")
+        self.ips = IpStage(self.s, self.t, iw, lambda: None, "h.by-ip", model)
         self.users.out = Collector(self.s.partitions)  # type: ignore[assignment]
         self.ips.out = Collector(self.s.partitions)  # type: ignore[assignment]
         self.offsets: dict[tuple[str, int], int] = defaultdict(int)

@@ -8,80 +8,53 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
 from slidr.settings import Settings
 from slidr.topics import Topics
 from stream import faults, stages
 from stream import features as F
+from stream.publish import Publisher
 from stream.state import DUPLICATE_ID, RECENT_IDS, Stats, apply
 from tests.stream.helpers import T0, click
 from tests.stream.test_app import _writer
 
 
-def _no_commit(tag: int) -> int:
-    return -1
-
-
-def test_a_redelivered_click_gets_the_features_it_had_the_first_time(tmp_path: Path) -> None:
+def test_a_redelivered_click_is_computed_again_from_the_state_it_saw_or_skipped(tmp_path: Path) -> None:
+    """Outputs are acknowledged before the state is written: a batch redelivered before its state write is
+    computed again from the same state (the same features); after it, its clicks are copies (None)."""
     cl, _ = _writer(tmp_path)
     stats = Stats()
     cs = [click(i, T0 + 1000 * i, session="s1") for i in range(5)]
-    first = [apply(cl, 0, b"s:s1", c, 0, 100 + i, (0, 100 + i), F.update_user, _no_commit, stats)
-             for i, c in enumerate(cs)]
-    assert [f[0] for f in first] == [1.0, 2.0, 3.0, 4.0, 5.0]  # u_clicks_1m grows
-    # a crash before the commit: the same offsets again, from a state that already holds all five
-    again = [apply(cl, 0, b"s:s1", c, 0, 100 + i, (0, 100 + i), F.update_user, _no_commit, stats)
-             for i, c in enumerate(cs)]
-    assert again == first and stats.redelivered == 5
-    # reading the features off the state instead (what the worker did before) gives the look-ahead values
+    first = [apply(cl, 0, b"s:s1", c, (0, 100 + i), F.update_user, stats) for i, c in enumerate(cs)]
+    assert [f[0] for f in first if f] == [1.0, 2.0, 3.0, 4.0, 5.0]  # u_clicks_1m grows
+    cl.discard()  # the batch failed (or the worker died) before its state write: nothing of it is in the store
+    again = [apply(cl, 0, b"s:s1", c, (0, 100 + i), F.update_user, stats) for i, c in enumerate(cs)]
+    assert again == first  # the same features, so the same by-ip records and decisions
+
+    async def write() -> None:  # the state written (after the outputs' acks)
+        prod = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
+        cl.write(Publisher(lambda: prod, lambda topic: 1))
+        await prod.stop()
+
+    asyncio.run(write())
+    assert [apply(cl, 0, b"s:s1", c, (0, 100 + i), F.update_user, stats) for i, c in enumerate(cs)] == [None] * 5
+    assert stats.copies == 5
     st = cl.get(0, b"s:s1")
-    assert st is not None and F.user_features(st, cs[0])[0] == 5.0 != first[0][0]
-
-
-def test_recent_entries_go_once_the_group_committed_past_them(tmp_path: Path) -> None:
-    cl, _ = _writer(tmp_path)
-    committed = {0: -1}
-    stats = Stats()
-    for i in range(4):
-        apply(cl, 0, b"k", click(i, T0 + i), 0, 10 + i, (0, 10 + i), F.update_user, committed.__getitem__, stats)
-    st = cl.get(0, b"k")
-    assert st is not None and [e[1] for e in st["r"]] == [10, 11, 12, 13]
-    committed[0] = 13  # offsets up to 12 committed: never delivered again
-    apply(cl, 0, b"k", click(4, T0 + 4), 0, 14, (0, 14), F.update_user, committed.__getitem__, stats)
-    st = cl.get(0, b"k")
-    assert st is not None and [e[1] for e in st["r"]] == [13, 14]
-
-
-def test_an_upstream_copy_is_not_decided_again_and_the_ip_stage_scales_positions(tmp_path: Path) -> None:
-    cl, _ = _writer(tmp_path)
-    stats = Stats()
-    c = click(1, T0, ip="10.0.0.1")
-    by_ip_offset = 7
-    own = by_ip_offset * stages.BATCH_MAX + 3
-    committed = {2: 7}.__getitem__  # by-ip partition 2 committed up to offset 7 (exclusive): own is not past
-    feats = apply(cl, 2, b"10.0.0.1", c, 2, own, (0, 55), F.update_ip, committed, stats, scale=stages.BATCH_MAX)
-    assert feats is not None
-    # the user stage re-forwarded the click (its own redelivery): a new by-ip record, same upstream position
-    assert apply(cl, 2, b"10.0.0.1", c, 2, own + stages.BATCH_MAX, (0, 55), F.update_ip, committed, stats,
-                 scale=stages.BATCH_MAX) is None
-    assert stats.copies == 1
-    st = cl.get(2, b"10.0.0.1")
-    assert st is not None and len(st["r"]) == 1  # offset 7 not committed yet: kept
+    assert st is not None and F.user_features(st, cs[0])[0] == 5.0  # (reading it off the state: look-ahead)
 
 
 def test_a_resend_within_the_window_is_a_duplicate_and_counts_nothing(tmp_path: Path) -> None:
     cl, _ = _writer(tmp_path)
     stats = Stats()
     c = click(1, T0, session="s9")
-    apply(cl, 1, b"s:s9", c, 1, 5, (1, 5), F.update_user, _no_commit, stats, check_id=True)
+    apply(cl, 1, b"s:s9", c, (1, 5), F.update_user, stats, check_id=True)
     before = cl.get(1, b"s:s9")
-    assert apply(cl, 1, b"s:s9", c, 1, 6, (1, 6), F.update_user, _no_commit, stats, check_id=True) is DUPLICATE_ID
+    assert apply(cl, 1, b"s:s9", c, (1, 6), F.update_user, stats, check_id=True) is DUPLICATE_ID
     assert cl.get(1, b"s:s9") == before and stats.duplicate_ids == 1
     for i in range(RECENT_IDS):  # the key clicks on: the first id leaves the window
-        apply(cl, 1, b"s:s9", click(10 + i, T0 + i), 1, 7 + i, (1, 7 + i), F.update_user, _no_commit, stats,
-              check_id=True)
-    assert apply(cl, 1, b"s:s9", c, 1, 99, (1, 99), F.update_user, _no_commit, stats, check_id=True) not in (
-        None, DUPLICATE_ID)
+        apply(cl, 1, b"s:s9", click(10 + i, T0 + i), (1, 7 + i), F.update_user, stats, check_id=True)
+    assert apply(cl, 1, b"s:s9", c, (1, 99), F.update_user, stats, check_id=True) not in (None, DUPLICATE_ID)
 
 
 class _Flaky(stages.Stage):
@@ -89,7 +62,7 @@ class _Flaky(stages.Stage):
 
     def __init__(self, fails: int, tmp_path: Path) -> None:
         writer, _ = _writer(tmp_path)
-        super().__init__(Settings(stage_retries=3), Topics("t"), writer, lambda: None, lambda topic, p: -1)
+        super().__init__(Settings(stage_retries=3), Topics("t"), writer, lambda: None)
         self.fails = fails
         self.attempts: list[tuple[int, int]] = []
 
