@@ -6,6 +6,7 @@ high; everything else is "non-human" (label 1). The model's target is P(label = 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -32,25 +33,30 @@ def weak_labels(purchased: npt.NDArray[np.bool_], rfm: npt.NDArray[np.float64],
 
 
 def time_split(ts_ms: npt.NDArray[np.int64], start_ms: int | None = None, test_days: int = 1,
-               val_days: int = 1, val_frac: float = 0.2, test_frac: float = 0.2) -> npt.NDArray[np.int8]:
+               val_days: int = 1, val_frac: float = 0.2, test_frac: float = 0.2,
+               labelled: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.int8]:
     """TRAIN / VAL / TEST per row by time: never random across time.
 
     With at least ``test_days + val_days + 1`` days since ``start_ms`` (default: the first click's UTC
     midnight), the last ``test_days`` whole days are the test set and the ``val_days`` before them
     validation. Shorter data (e.g. one simulated day) is cut by time instead: the last ``test_frac`` of the
     time span is the test set, the ``val_frac`` before it validation.
+
+    ``labelled`` (optional): the rows that will be used (``mature_labels``); the layout (last day, time span) is
+    taken from them, so unlabelled clicks at the end do not leave a split empty. Every row still gets a split.
     """
     if len(ts_ms) == 0:
         return np.zeros(0, dtype=np.int8)
     start = int(start_ms) if start_ms is not None else int(ts_ms.min()) // DAY_MS * DAY_MS
     day = (ts_ms - start) // DAY_MS
-    last = int(day.max())
+    span = ts_ms if labelled is None or not labelled.any() else ts_ms[labelled]
+    last = int(span.max() - start) // DAY_MS
     out = np.full(len(ts_ms), TRAIN, dtype=np.int8)
     if last + 1 >= test_days + val_days + 1:
         out[day > last - test_days - val_days] = VAL
         out[day > last - test_days] = TEST
         return out
-    lo, hi = int(ts_ms.min()), int(ts_ms.max()) + 1
+    lo, hi = int(span.min()), int(span.max()) + 1
     t_test = hi - test_frac * (hi - lo)
     t_val = t_test - val_frac * (hi - lo)
     out[ts_ms >= t_val] = VAL
@@ -79,3 +85,63 @@ def label_audit(label: npt.NDArray[np.int8], is_bot: npt.NDArray[np.bool_],
                                 "called_human": float(called[archetype == a].mean())}
                        for a in np.unique(archetype)},
     }
+
+
+# ---- label maturity: a click's weak label is final only once its attribution window has closed ------------------
+HOUR_MS = 3_600_000
+
+
+def purchase_delays(click_ts: npt.NDArray[np.int64], click_ids: list[str], purchase_click_ids: list[str],
+                    purchase_ts: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Click-to-purchase delay (ms) of every purchase whose click is among ``click_ids``."""
+    at = {c: i for i, c in enumerate(click_ids)}
+    pairs = [(int(t), at[c]) for c, t in zip(purchase_click_ids, np.asarray(purchase_ts).tolist(), strict=True)
+             if c in at]
+    if not pairs:
+        return np.zeros(0, dtype=np.int64)
+    p_ts, ci = np.array(pairs, dtype=np.int64).T
+    return np.asarray(p_ts - np.asarray(click_ts, dtype=np.int64)[ci], dtype=np.int64)
+
+
+def measure_attribution_window(ds: Any, q: float = 0.99) -> dict[str, Any]:
+    """The ``q`` quantile of a dataset's click-to-purchase delays (``models.data.dataset.Dataset``), in hours,
+    with a few other quantiles: to check ``TrainConfig.attribution_window_h`` against one's own data.
+
+    Delays are right-censored by the data's end and by label outages (purchases after them are not there), so
+    the figure is a lower bound, close when the data spans many windows.
+    """
+    d = purchase_delays(np.asarray(ds.ts, dtype=np.int64), [c.click_id for c in ds.clicks],
+                        [p.click_id for p in ds.purchases], np.array([p.ts for p in ds.purchases], dtype=np.int64))
+    quant = {f"p{round(x * 100, 1):g}": float(np.quantile(d, x)) / HOUR_MS if len(d) else float("nan")
+             for x in (0.5, 0.9, 0.95, 0.99, 0.999)}
+    return {"purchases": len(d), "q": q, "window_h": float(np.quantile(d, q)) / HOUR_MS if len(d) else float("nan"),
+            "quantiles_h": quant}
+
+
+def labels_end_ms(meta: dict[str, Any], click_ts: npt.NDArray[np.int64],
+                  purchase_ts: npt.NDArray[np.int64]) -> int:
+    """Until when purchases were collected: ``meta['end_ms']`` when the dataset says so, else just after its last
+    event (click or purchase)."""
+    if meta.get("end_ms") is not None:
+        return int(meta["end_ms"])
+    last = int(np.max(click_ts)) if len(click_ts) else 0
+    if len(purchase_ts):
+        last = max(last, int(np.max(purchase_ts)))
+    return last + 1
+
+
+def mature_labels(ts_ms: npt.NDArray[np.int64], window_ms: int, end_ms: int,
+                  outages: Sequence[tuple[int, int]] = ()) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.bool_]]:
+    """Which clicks have a final weak label: their attribution window ``[ts, ts + window_ms)`` closed by ``end_ms``
+    (``young`` otherwise) and overlaps no purchase-label outage ``[start_ms, end_ms)`` (``in_outage`` otherwise:
+    purchases made during an outage are lost, so a click shortly before one is labelled robotic for lack of them).
+
+    Returns ``(young, in_outage)``; a click is labelled when neither is set.
+    """
+    ts = np.asarray(ts_ms, dtype=np.int64)
+    close = ts + max(int(window_ms), 1)  # the window [ts, close) holds at least the click's own instant
+    young = close > int(end_ms)
+    in_outage = np.zeros(len(ts), dtype=bool)
+    for a, b in outages:
+        in_outage |= (ts < int(b)) & (close > int(a))
+    return young, in_outage
