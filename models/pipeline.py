@@ -63,8 +63,48 @@ def load_training_data(data_dir: Path, cfg: TrainConfig) -> TrainingData:
     t0 = time.perf_counter()
     ds = load_dataset(data_dir)
     td = build_training_data(ds, cfg, cache_dir=get_settings().cache_dir)
-    log.info("training data from %s: %d rows in %.1f s", data_dir, len(td.x), time.perf_counter() - t0)
+    lm = mask_unlabelled(td, ds, cfg)
+    log.info("training data from %s: %d rows in %.1f s; %d left out as not yet labelled (attribution window "
+             "%g h: %d younger than it at the data's end, %d overlapping a label outage), %d in outages",
+             data_dir, len(td.x), time.perf_counter() - t0, lm["left_out"], lm["window_h"], lm["young"],
+             lm["outage_overlap"], lm["in_declared_outage"])
     return td
+
+
+def mask_unlabelled(td: TrainingData, ds: Any, cfg: TrainConfig) -> dict[str, Any]:
+    """Leave out of every split the clicks whose weak label is not final (``models.labels.mature_labels``):
+    younger than ``cfg.attribution_window_h`` at the data's end, or with that window overlapping a label outage
+    (declared in meta.json; with ``allow_label_gaps`` also the hours ``guardrails.label_gap_hours`` detects).
+
+    Narrows ``td.usable`` in place, re-cuts the split on the labelled span (``time_split(labelled=...)``: short
+    data would otherwise lose its test split), re-checks the train and val splits, and returns the counts, also
+    kept in ``td.meta["label_maturity"]`` (the manifest's ``training.label_maturity``).
+    """
+    from models import guardrails
+    from models.labels import HOUR_MS, labels_end_ms, mature_labels, time_split
+
+    end = labels_end_ms(td.meta, td.ts, np.array([p.ts for p in ds.purchases], dtype=np.int64))
+    outages = list(ds.label_outages)
+    gaps = guardrails.label_gap_hours(td.ts, td.purchased, ~td.usable) if cfg.allow_label_gaps else []
+    outages += [(h, h + HOUR_MS) for h in gaps]
+    window_ms = round(cfg.attribution_window_h * HOUR_MS)
+    young, overlap = mature_labels(td.ts, window_ms, end, outages)
+    before = td.usable.copy()
+    td.usable = before & ~young & ~overlap
+    td.split = time_split(td.ts, td.meta.get("start_ms"), cfg.test_days, cfg.val_days, cfg.val_frac,
+                          cfg.test_frac, labelled=td.usable)
+    out = before & ~td.usable
+    info: dict[str, Any] = {
+        "window_h": cfg.attribution_window_h, "end_ms": end, "left_out": int(out.sum()),
+        "young": int((out & young).sum()), "outage_overlap": int((out & ~young).sum()),
+        "in_declared_outage": int((~before).sum()), "detected_gap_hours": [int(h) for h in gaps],
+        "left_out_by_split": {n: int((out & (td.split == i)).sum()) for n, i in SPLITS.items()},
+        "labelled_by_split": {n: int(td.rows(i).sum()) for n, i in SPLITS.items()}}
+    td.meta["label_maturity"] = info
+    for name in ("train", "val"):
+        m = td.rows(SPLITS[name])
+        guardrails.check_split(td.label[m], td.purchased[m], name)
+    return info
 
 
 def _refresh_manifest(model_dir: Path, **updates: Any) -> dict[str, Any]:
@@ -122,7 +162,8 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
         out, model_version=version, kind=kind, feature_spec_hash=FEATURE_SPEC_HASH,
         feature_names=list(FEATURE_NAMES), created_at=created.isoformat(), training_window=td.window(),
         data_dir=str(data_dir), config=cfg.to_dict(), export_max_abs_diff=diff,
-        training={k: v for k, v in hist.items() if k != "epochs"} | {"epochs": len(hist["epochs"])},
+        training={k: v for k, v in hist.items() if k != "epochs"} | {"epochs": len(hist["epochs"]),
+                                                                     "label_maturity": td.meta.get("label_maturity")},
         metrics={"val": model_metrics(scores, td, va, cfg.fpr_budget),
                  "test": model_metrics(scores, td, te, cfg.fpr_budget)})
     return manifest

@@ -1,0 +1,190 @@
+"""Weak labels that are not mature yet (issue 16, item 8): a click is labelled only once its attribution window
+(``TrainConfig.attribution_window_h``) has closed with labels flowing; younger clicks and clicks whose window
+overlaps a label outage are left out of every split (``models.labels.mature_labels``,
+``models.pipeline.mask_unlabelled``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+from models.config import TrainConfig
+from models.labels import (
+    HOUR_MS,
+    TEST,
+    TRAIN,
+    VAL,
+    labels_end_ms,
+    mature_labels,
+    measure_attribution_window,
+    purchase_delays,
+    time_split,
+)
+
+DAY_MS = 24 * HOUR_MS
+W = 7 * HOUR_MS
+END = 10 * DAY_MS
+
+
+def test_young_clicks_at_the_end_are_not_labelled() -> None:
+    ts = np.array([0, END - W - 1, END - W, END - W + 1, END - 1], dtype=np.int64)
+    young, in_outage = mature_labels(ts, W, END)
+    assert young.tolist() == [False, False, False, True, True]  # window [ts, ts + W) closed by END: labelled
+    assert not in_outage.any()
+
+
+def test_clicks_whose_window_overlaps_an_outage_are_not_labelled() -> None:
+    a, b = 5 * DAY_MS, 5 * DAY_MS + 3 * HOUR_MS
+    ts = np.array([a - W - 1, a - W, a - W + 1, a - 1, a, b - 1, b, b + HOUR_MS], dtype=np.int64)
+    young, in_outage = mature_labels(ts, W, END, [(a, b)])
+    # a purchase of the click at a - W + 1 could fall at a: lost; the one at a - W had its window closed at a
+    assert in_outage.tolist() == [False, False, True, True, True, True, False, False]
+    assert not young.any()
+    # two outages: the union; a zero window leaves out exactly the clicks inside the outages
+    _, two = mature_labels(ts, W, END, [(a, b), (b + HOUR_MS - 1, b + 2 * HOUR_MS)])
+    assert two.tolist() == [False, False, True, True, True, True, True, True]
+    _, inside = mature_labels(ts, 0, END, [(a, b)])
+    assert inside.tolist() == ((ts >= a) & (ts < b)).tolist()
+
+
+def test_end_of_labels_from_meta_or_the_last_event() -> None:
+    clicks = np.array([10, 20], dtype=np.int64)
+    assert labels_end_ms({"end_ms": 1000}, clicks, np.array([30], dtype=np.int64)) == 1000
+    assert labels_end_ms({}, clicks, np.array([30], dtype=np.int64)) == 31  # the last purchase
+    assert labels_end_ms({}, clicks, np.zeros(0, dtype=np.int64)) == 21
+
+
+def test_purchase_delays_and_the_measured_window() -> None:
+    clicks = [SimpleNamespace(click_id=f"k{i}") for i in range(4)]
+    ts = np.array([0, HOUR_MS, 2 * HOUR_MS, 3 * HOUR_MS], dtype=np.int64)
+    buys = [SimpleNamespace(click_id="k1", ts=HOUR_MS + 60_000), SimpleNamespace(click_id="k3", ts=5 * HOUR_MS),
+            SimpleNamespace(click_id="other", ts=9)]  # a purchase of a click not in the data is no delay
+    d = purchase_delays(ts, [c.click_id for c in clicks], [p.click_id for p in buys],
+                        np.array([p.ts for p in buys], dtype=np.int64))
+    assert sorted(d.tolist()) == [60_000, 2 * HOUR_MS]
+    m = measure_attribution_window(SimpleNamespace(ts=ts, clicks=clicks, purchases=buys), q=1.0)
+    assert m["purchases"] == 2 and m["window_h"] == pytest.approx(2.0)
+    assert m["quantiles_h"]["p50"] == pytest.approx((1 / 60 + 2) / 2)
+
+
+def test_short_data_is_split_on_its_labelled_span() -> None:
+    ts = np.arange(0, DAY_MS, 60_000, dtype=np.int64)  # one day: cut by time fractions
+    labelled = ts < DAY_MS - W
+    plain = time_split(ts, 0, val_frac=0.25, test_frac=0.25)
+    assert not (labelled & (plain == TEST)).any()  # the test split would be empty once the young clicks go
+    cut = time_split(ts, 0, val_frac=0.25, test_frac=0.25, labelled=labelled)
+    shares = [float((cut[labelled] == s).mean()) for s in (TRAIN, VAL, TEST)]
+    assert shares == pytest.approx([0.5, 0.25, 0.25], abs=1e-3)
+    days = np.arange(0, 4 * DAY_MS, 60_000, dtype=np.int64)  # whole days: the last day stays the test day
+    assert np.array_equal(time_split(days, 0, labelled=days < 4 * DAY_MS - W), time_split(days, 0))
+
+
+def _data(tmp_path: Path, outages: list[list[int]]) -> Path:
+    import orjson
+
+    from tests.models.synth import START_MS, make_dataset
+
+    d = make_dataset(tmp_path / "d", days=4, seed=3)
+    meta = orjson.loads((d / "meta.json").read_bytes())
+    meta["label_outages"] = [[START_MS + a, START_MS + b] for a, b in outages]
+    (d / "meta.json").write_bytes(orjson.dumps(meta))
+    return d
+
+
+def test_mask_applies_to_every_split_and_is_counted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from models.data.dataset import load_dataset
+    from models.pipeline import SPLITS, load_training_data
+    from tests.models.synth import START_MS
+
+    a, b = DAY_MS + 14 * HOUR_MS, DAY_MS + 16 * HOUR_MS
+    d = _data(tmp_path, [[a, b]])
+    ds = load_dataset(d)
+    end = labels_end_ms(ds.meta, ds.ts, np.array([p.ts for p in ds.purchases], dtype=np.int64))
+    with caplog.at_level(logging.INFO, logger="models.pipeline"):
+        td = load_training_data(d, TrainConfig())
+    info = td.meta["label_maturity"]
+    young = td.ts + W > end
+    before = (td.ts < START_MS + b) & (td.ts + W > START_MS + a)
+    assert young.sum() > 1000 and (before & ~((td.ts >= START_MS + a) & (td.ts < START_MS + b))).sum() > 300
+    for name, i in SPLITS.items():  # no split holds an unlabelled click
+        assert not (td.rows(i) & (young | before)).any(), name
+        assert info["labelled_by_split"][name] == int(td.rows(i).sum()) > 0
+    inside = int(((td.ts >= START_MS + a) & (td.ts < START_MS + b)).sum())
+    assert info["in_declared_outage"] == inside
+    assert info["young"] == int(young.sum()) and info["left_out"] == int((young | before).sum()) - inside
+    assert info["left_out"] == info["young"] + info["outage_overlap"] == sum(info["left_out_by_split"].values())
+    assert int(td.usable.sum()) == len(td.ts) - info["left_out"] - inside
+    assert f"{info['left_out']} left out as not yet labelled" in caplog.text
+    # the window is a setting: 0 leaves out only the declared outage, as before
+    td0 = load_training_data(d, TrainConfig(attribution_window_h=0.0))
+    assert td0.meta["label_maturity"]["left_out"] == 0 and int(td0.usable.sum()) == len(td0.ts) - inside
+
+
+def test_detected_label_gaps_count_as_outages_when_allowed(tmp_path: Path) -> None:
+    from models.guardrails import GuardrailError
+    from models.pipeline import load_training_data
+    from tests.models.synth import START_MS
+
+    d = _data(tmp_path, [])
+    import orjson
+
+    # lose every purchase of day 1, 13:00-16:00 UTC, undeclared
+    lo, hi = START_MS + DAY_MS + 13 * HOUR_MS, START_MS + DAY_MS + 16 * HOUR_MS
+    lines = [x for x in (d / "purchases.jsonl").read_bytes().splitlines() if not lo <= orjson.loads(x)["ts"] < hi]
+    (d / "purchases.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    with pytest.raises(GuardrailError):
+        load_training_data(d, TrainConfig())
+    td = load_training_data(d, TrainConfig(allow_label_gaps=True))
+    gaps = td.meta["label_maturity"]["detected_gap_hours"]
+    assert gaps and all(lo - HOUR_MS <= h < hi for h in gaps), gaps
+    for h in gaps:  # the gap hour and the window before it are left out
+        assert not (td.usable & (td.ts < h + HOUR_MS) & (td.ts + W > h)).any()
+
+
+def _edge_ratio(td: Any, label: np.ndarray, hours: int) -> tuple[float, list[float]]:
+    """Labelled clicks' share of ``label`` in the last ``hours`` of labelled data before each edge (every outage's
+    start, the data's end), against the same clock hours on the other days (the diurnal mix moves the share by
+    +-15% hour to hour): observed / expected, pooled over the edges, and per edge."""
+    u, ts = td.usable, td.ts
+    obs = exp = 0.0
+    per = []
+    for e in [a for a, _ in td.meta["label_outages"]] + [td.meta["end_ms"]]:
+        last = int(ts[u & (ts < e)].max()) + 1
+        near = (ts >= last - hours * HOUR_MS) & (ts < last) & u
+        ref = ((ts - (last - hours * HOUR_MS)) % DAY_MS < hours * HOUR_MS) & u & ~near
+        obs += float(label[near].sum())
+        exp += float(near.sum() * label[ref].mean())
+        per.append(float(label[near].mean() / label[ref].mean()))
+    return obs / exp, per
+
+
+def test_human_share_does_not_dip_before_an_outage_or_at_the_end(tmp_path: Path) -> None:
+    """Simulated: 3 days, 150k clicks, a 3-hour purchase outage on day 1 at 14:00 UTC, purchase rate 0.2 (the
+    default's 0.03 puts ~25 purchases in an hour's bucket: noise would hide the dip). The last labelled hour
+    before the outage and before the end holds its share of purchasing clicks, and the last two its share of
+    human labels, against the same hours on other days.
+
+    Measured over simulator seeds 1-10 (pooled over the two edges): before the fix the purchasing share of the
+    last hour read 0.41-0.60 (mean 0.52) and the human-label share of the last two hours 0.66-0.86 (0.78); with
+    the 7 h window 0.94-1.10 (1.01) and 0.93-1.10 (1.00). Tolerances 0.85 and 0.88 sit between. Seed 1: 0.556 and
+    0.781 before, 1.055 and 1.017 after.
+    """
+    from models.data.simulate import simulate_to
+    from models.pipeline import load_training_data
+
+    d = tmp_path / "sim"
+    simulate_to(d, {"name": "maturity", "start": "2026-11-02T00:00:00Z", "days": 3,
+                    "clicks": 150_000, "label_outages": [{"day": 1, "hour": 14, "hours": 3}],
+                    "purchase": {"rate": 0.2}}, 1)
+    td = load_training_data(d, TrainConfig())
+    bought, per_b = _edge_ratio(td, td.purchased, 1)
+    human, per_h = _edge_ratio(td, td.label == 0, 2)
+    shown = f"purchasing share, last hour: {bought:.3f} {per_b}; human-label share, last 2 hours: {human:.3f} {per_h}"
+    print(shown)
+    assert bought >= 0.85 and human >= 0.88, shown
