@@ -108,13 +108,6 @@ def check(overall: dict[str, float], calibration: dict[str, Any], s: Settings) -
     return ""
 
 
-def _rollback(s: Settings, reason: str) -> str:
-    from models import registry
-
-    try:
-        return registry.rollback(s, reason=reason)  # type: ignore[call-arg,unused-ignore]
-    except TypeError:  # a registry without reasons in its history
-        return registry.rollback(s)
 
 
 class Monitor:
@@ -137,8 +130,12 @@ class Monitor:
         calib = orjson.loads((self.s.registry_path / active / "calibration.json").read_bytes())
         reason = check(self.stats.rates(now_ms, active).get("overall", {}), calib, self.s)
         if reason:
-            to = _rollback(self.s, f"automatic: {reason}")
-            self.rolled_back.add(active)
+            self.rolled_back.add(active)  # once per version: no retry storm on a registry that refuses
+            try:
+                to = registry.rollback(self.s, reason=f"automatic: {reason}")  # recorded in the history
+            except registry.RegistryError as e:
+                log.critical("model %s should be rolled back (%s) but the registry refused: %s", active, reason, e)
+                return reason
             M.ROLLBACKS.labels(active).inc()
             log.critical("AUTOMATIC ROLLBACK of model %s to %s: %s", active, to, reason)
         return reason

@@ -23,7 +23,10 @@ from tests.conftest import TALKINGDATA_CSV, needs_shared
 pytestmark = pytest.mark.train
 TALKINGDATA = TALKINGDATA_CSV
 # small and fast: the small scenario has ~85 purchasing clicks in validation, so a 1% budget is < 1 purchase
-CFG = TrainConfig(epochs=12, hidden=(32, 16), progress=False, fpr_budget=0.05, min_slice_purchases=10)
+# attribution_window_h 0: the small scenario is one day with a 2 h label outage at 15:00, so the default 7 h window
+# would leave only 00:00-08:00 labelled; these tests are about the pipeline (label maturity: tests/models/test_labels)
+CFG = TrainConfig(epochs=12, hidden=(32, 16), progress=False, fpr_budget=0.05, min_slice_purchases=10,
+                  attribution_window_h=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +119,7 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
     # of the overall FPR depending on the seed (10 seeds, with and without dropout); seed 1 takes about 0.02
     # without dropout and 0.25 with 0.1, beyond the budget of 0.1 below
     sets = ["--set", "epochs=12", "--set", "hidden=[32,16]", "--set", "progress=false",
-            "--set", "min_slice_purchases=10", "--set", "profile_dropout=0"]
+            "--set", "min_slice_purchases=10", "--set", "profile_dropout=0", "--set", "attribution_window_h=0"]
     r = runner.invoke(app, ["train", str(small), "--out", str(model), *sets])
     assert r.exit_code == 0, r.output
     manifest = read_json(model / "manifest.json")

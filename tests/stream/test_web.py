@@ -70,3 +70,45 @@ def test_web_server_binds_loopback_and_serves_no_table(kenv: Any) -> None:
         assert _get(base + "/router/users/c:cust1/") == 404
     finally:
         K.stop(w)
+
+
+def test_metrics_endpoint_answers_with_the_worker_metrics_during_a_run(kenv: Any) -> None:
+    """(issue 9) Prometheus /metrics of a worker deciding clicks, scraped while it runs."""
+    import asyncio
+
+    from tests.stream.helpers import traffic
+
+    s = kenv.settings
+    toymodel.build_registry(s.registry_path, version="toy-it")
+    port = _free_port()
+    env = {**K.worker_env(s), "SLIDR_METRICS_PORT": str(port)}
+    log = kenv.workdir / "w.log"
+    with log.open("wb") as f:
+        w = subprocess.Popen([sys.executable, "-m", "slidr", "worker", "--data-dir", str(kenv.workdir / "w0"),
+                              "--loglevel", "warning"], env=env, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        clicks = traffic(3000, seed=3)
+        asyncio.run(K.produce(s, kenv.topics.clicks, clicks, [b"junk"]))
+        t_end = time.monotonic() + 120
+        text = ""
+        while time.monotonic() < t_end:
+            assert w.poll() is None, log.read_text()[-2000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+                    text = r.read().decode()
+            except OSError:
+                text = ""
+            if 'slidr_clicks_total{stage="ip"} 3000.0' in text and "slidr_consumer_lag{" in text:
+                break
+            time.sleep(0.5)
+    finally:
+        K.stop(w)
+    assert _listening(port) == set()  # (the worker is gone)
+    for name in ('slidr_clicks_total{stage="user"} 3001.0', 'slidr_clicks_total{stage="ip"} 3000.0',
+                 'slidr_dead_letters_total{stage="user"} 1.0', "slidr_decisions_total{", "slidr_consumer_lag{",
+                 "slidr_batch_events_bucket{", "slidr_scoring_seconds_bucket{", "slidr_table_keys{",
+                 'slidr_active_model{model_version="toy-it"} 1.0', "slidr_profile_cache_up 1.0"):
+        assert name in text, (name, text[:3000])
+    decided = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                  if line.startswith("slidr_decisions_total{"))
+    assert decided == 3000.0
