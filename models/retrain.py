@@ -104,6 +104,24 @@ def training_data(x: npt.NDArray[np.float32], ts: npt.NDArray[np.int64], purchas
     return td
 
 
+def mature_only(td: TrainingData, purchase_ts: npt.NDArray[np.int64], outages: list[Any], cfg: TrainConfig) -> None:
+    """Leave out the clicks whose weak label is not final, as training does (``pipeline.mask_unlabelled``: younger
+    than the attribution window when labels end, or with that window overlapping an outage). Labels end at the last
+    event read, on both paths (a stream window has no declared end), so a folder and the stream that carried it
+    give the same rows."""
+    from types import SimpleNamespace
+
+    from models.pipeline import mask_unlabelled
+
+    ds_like = SimpleNamespace(purchases=[SimpleNamespace(ts=int(t)) for t in purchase_ts], label_outages=outages)
+    end = td.meta.pop("end_ms", None)
+    try:
+        mask_unlabelled(td, ds_like, cfg)
+    finally:
+        if end is not None:
+            td.meta["end_ms"] = end
+
+
 # ---- sources ---------------------------------------------------------------------------------------------------
 def from_dataset(data_dir: Path, cfg: TrainConfig) -> Source:
     """A dataset folder as one window (its whole span); declared outages are left out as in training."""
@@ -114,12 +132,17 @@ def from_dataset(data_dir: Path, cfg: TrainConfig) -> Source:
     ts = np.asarray(ds.ts, dtype=np.int64)
     window = (int(ts.min()), int(ts.max()) + 1) if len(ts) else (0, 0)
     td, err = None, ""
+    buy_ts = np.array([p.ts for p in ds.purchases], dtype=np.int64)
     try:  # label gaps are the guardrails' to report, with the hours, rather than the trainer's to raise
         td = build_training_data(ds, cfg.replace(allow_label_gaps=True), cache_dir=get_settings().cache_dir)
     except GuardrailError as e:
         err = str(e)
-    usable = td.usable if td is not None else ~ds.in_label_outage(ts)
-    buy_ts = np.array([p.ts for p in ds.purchases], dtype=np.int64)
+    usable = (td.usable.copy() if td is not None else ~ds.in_label_outage(ts))  # the window's rows, for the guards
+    if td is not None:
+        try:
+            mature_only(td, buy_ts, list(ds.label_outages), cfg)  # the rows training and evaluation use
+        except GuardrailError as e:
+            td, err = None, str(e)
     x = td.x[usable] if td is not None else np.zeros((0, 0), dtype=np.float32)
     if td is None:
         from models.train import dataset_features
@@ -242,6 +265,7 @@ def from_stream(s: Settings, cfg: TrainConfig, window_ms: int, end_ms: int | Non
         td = training_data(x, ts, purchased, rfm, [c.user_key for c in cs], slices, [c.logged_in for c in cs],
                            np.fromiter((c.tz_offset_min or 0 for c in cs), dtype=np.int64, count=n), cfg,
                            {"source": "stream", "window": [start, end], "label_outages": []})
+        mature_only(td, buy_ts, [], cfg)
     except GuardrailError as e:
         err = str(e)
     return Source(td=td, x=x, ts=ts, purchased=purchased, slices=np.array(slices, dtype=str), purchase_ts=buy_ts,
