@@ -51,7 +51,8 @@ class Collector:
         return []
 
 
-def _writer(folder: Path, name: str) -> tuple[TableWriter, dict[int, rocksdict.Rdict]]:
+def table_writer(folder: Path, name: str) -> tuple[TableWriter, dict[int, rocksdict.Rdict]]:
+    """A TableWriter over real RocksDB databases (one per partition), as Faust's store would hold them."""
     dbs: dict[int, rocksdict.Rdict] = {}
 
     def db_for(p: int) -> rocksdict.Rdict:
@@ -71,8 +72,8 @@ class Harness:
         self.t = Topics("h")
         toymodel.build_registry(folder / "registry", version="toy-h", threshold=0.7)
         model = load_model(folder / "registry" / "toy-h")
-        uw, self.user_dbs = _writer(folder, "users")
-        iw, self.ip_dbs = _writer(folder, "ips")
+        uw, self.user_dbs = table_writer(folder, "users")
+        iw, self.ip_dbs = table_writer(folder, "ips")
         self.users = UserStage(self.s, self.t, uw, lambda: None, "h.by-user", "h.by-ip")
         self.ips = IpStage(self.s, self.t, iw, lambda: None, "h.by-ip", model)
         self.users.out = Collector(self.s.partitions)  # type: ignore[assignment]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from types import SimpleNamespace
 
 import orjson
 import rocksdict
@@ -15,6 +14,7 @@ from stream.app import ClickView, TableWriter, _state_hi, feature_log_record, ip
 from stream.publish import Publisher
 from stream.synth import T0
 from tests.stream.helpers import click, traffic
+from tests.stream.stage_harness import table_writer
 
 
 def test_click_view_reads_like_the_click() -> None:
@@ -56,16 +56,7 @@ def test_feature_log_record_round_trips() -> None:
 
 def _writer(tmp_path: Path) -> tuple[TableWriter, dict[int, rocksdict.Rdict]]:
     """A TableWriter over real RocksDB databases (one per partition), as Faust's store would hold them."""
-    dbs: dict[int, rocksdict.Rdict] = {}
-
-    def db_for(p: int) -> rocksdict.Rdict:
-        if p not in dbs:
-            dbs[p] = rocksdict.Rdict(str(tmp_path / f"p{p}"), options=rocksdict.Options(raw_mode=True))
-        return dbs[p]
-
-    store = SimpleNamespace(_db_for_partition=db_for, set_persisted_offset=lambda tp, o: None)
-    table = SimpleNamespace(data=store, changelog_topic=SimpleNamespace(get_topic_name=lambda: "t-changelog"))
-    return TableWriter(table), dbs
+    return table_writer(tmp_path, "t")
 
 
 def test_sweep_deletes_idle_keys_going_round_the_partition(tmp_path: Path) -> None:
