@@ -230,7 +230,13 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
                      f"Data: `{data_dir}` ({manifest.get('data_dir', '')}), {len(td.x)} clicks; "
                      f"train/val/test rows {int(td.rows(0).sum())}/{int(va.sum())}/{int(te.sum())}; "
                      f"FPR budget {budget:g}; coverage floor {cfg.coverage_floor:g} (k = {cfg.coverage_k}).", ""]
-    figures: dict[str, Any] = {"model_version": manifest["model_version"], "fpr_budget": budget}
+    lm = td.meta.get("label_maturity")
+    if lm:
+        md += [f"{lm['left_out']} clicks left out as not yet labelled (attribution window {lm['window_h']:g} h: "
+               f"{lm['young']} younger than it at the data's end, {lm['outage_overlap']} overlapping a label "
+               "outage).", ""]
+    figures: dict[str, Any] = {"model_version": manifest["model_version"], "fpr_budget": budget,
+                               "label_maturity": lm}
 
     # --- baselines -----------------------------------------------------------------------------------------
     bl = baselines(td, s, cfg)
