@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import faust
+from faust.types import TP
 
 from slidr.settings import Settings
 from slidr.topics import Topics, TopicSpec, changelog_topic, topic_specs
@@ -56,6 +57,7 @@ from stream.stages import (  # noqa: F401  (re-exported: tests and tools read re
     FORWARDED,
     IP_BATCH_WITHIN_S,
     IP_RECORDS_PER_BATCH,
+    ConsumerOps,
     IpStage,
     UserStage,
     feature_log_record,
@@ -156,8 +158,18 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         FutureMessage, callbacks and sensors per record). Faust flushes it before every offset commit."""
         return app.producer._ensure_producer()  # type: ignore[attr-defined]
 
-    users = UserStage(s, t, TableWriter(table(USERS_TABLE)), producer, by_user_name, by_ip_name)
-    ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, by_ip_name, model)
+    class Ops(ConsumerOps):
+        def do_not_count(self, message: Any) -> None:
+            faust_fixes.do_not_count(app.consumer, message)
+
+        async def seek(self, topic_name: str, partition: int, offset: int) -> None:
+            await app.consumer.seek(TP(topic_name, partition), offset)
+
+        def committed(self, topic_name: str, partition: int) -> int | None:
+            return faust_fixes.committed_offset(app.consumer, topic_name, partition)
+
+    users = UserStage(s, t, TableWriter(table(USERS_TABLE)), producer, by_user_name, by_ip_name, Ops())
+    ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, by_ip_name, model, Ops())
 
     @app.agent(user_in, concurrency=1)
     async def user_stage(stream: Any) -> None:

@@ -114,29 +114,88 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
+class ConsumerOps:
+    """What a stage asks of the consumer (``stream/app.py`` binds Faust's; tests use this no-op one)."""
+
+    def do_not_count(self, message: Any) -> None:
+        """The message will be acked without having been handled: its ack must not let a commit pass it."""
+
+    async def seek(self, topic: str, partition: int, offset: int) -> None:
+        """Fetch the partition again from ``offset``."""
+
+    def committed(self, topic: str, partition: int) -> int | None:
+        """The group's committed offset of the partition as the consumer knows it (None: unknown)."""
+        return None
+
+
 class Stage:
     """What both stages share: a publisher, a table writer and the retry loop around one batch step."""
 
     name = "stage"
 
-    def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any]) -> None:
+    def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any],
+                 consumer: ConsumerOps | None = None) -> None:
         self.s = s
         self.t = topics
         self.writer = writer
         self.out = Publisher(producer, lambda topic: 1 if topic == topics.dead_letters else s.partitions,
                              on_failure=fail_stop)
+        self.consumer = consumer or ConsumerOps()
         self.stats = Stats()
         self.batches = 0
         self.failed_attempts = 0
         self._over_logged = 0.0
+        self.next_offset: dict[tuple[str, int], int] = {}  # input partition -> the offset this stage expects next
+        self.rewound: Counter[tuple[str, int, int]] = Counter()
+
+    def in_order(self, events: list[Any]) -> tuple[list[Any], list[tuple[str, int, int]]]:
+        """The events this stage may handle now, and the partitions to fetch again from where.
+
+        Around a rebalance Faust can drop fetched messages (skipped as of an older generation, or cleared from a
+        stream's buffer) while the fetcher goes on: the stage would then see a later offset first, count it, and
+        take the earlier clicks for copies when they come again (their keys' states hold a later position), so
+        they would be committed undecided. An event past the offset this stage expects (more than one control
+        record ahead) is not handled and not counted as acked (``faust_fixes.do_not_count``); its partition is
+        fetched again from the expected offset. A partition that comes back with the same jump three times (the
+        messages are really gone: retention) is let through."""
+        keep: list[Any] = []
+        rewind: dict[tuple[str, int], int] = {}
+        expect = dict(self.next_offset)
+        for ev in events:
+            m = ev.message
+            tp = (m.topic, m.partition)
+            nxt = expect.get(tp)
+            if nxt is not None and tp not in rewind and m.offset > nxt + 1:
+                committed = self.consumer.committed(m.topic, m.partition)
+                if committed is not None and committed > nxt:  # the group is past it (another worker had it)
+                    nxt = expect[tp] = committed
+            if tp in rewind or (nxt is not None and m.offset > nxt + 1
+                                and self.rewound[(m.topic, m.partition, nxt)] < 3):
+                if tp not in rewind:
+                    rewind[tp] = nxt  # type: ignore[assignment]
+                self.consumer.do_not_count(m)
+                continue
+            expect[tp] = m.offset + 1
+            keep.append(ev)
+        return keep, [(t, p, o) for (t, p), o in rewind.items()]
 
     async def run(self, events: list[Any]) -> None:
         """One batch, all or nothing, retried (see the module doc). Never raises."""
+        events, rewind = self.in_order(events)
+        for topic, p, off in rewind:
+            self.rewound[(topic, p, off)] += 1
+            log.warning("%s: %s[%d] jumped past offset %d (messages dropped around a rebalance): fetching it again",
+                        self.name, topic, p, off)
+            await self.consumer.seek(topic, p, off)
+        if not events:
+            return
         for attempt in range(1, self.s.stage_retries + 1):
             t0 = time.perf_counter()
             try:
                 await self.step(events)
                 self.batches += 1
+                for ev in events:
+                    self.next_offset[(ev.message.topic, ev.message.partition)] = ev.message.offset + 1
                 M.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - t0)
                 M.BATCH_SIZE.labels(self.name).observe(len(events))
                 return
@@ -206,8 +265,8 @@ class UserStage(Stage):
     name = "user"
 
     def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any],
-                 by_user: str, by_ip: str) -> None:
-        super().__init__(s, topics, writer, producer)
+                 by_user: str, by_ip: str, consumer: ConsumerOps | None = None) -> None:
+        super().__init__(s, topics, writer, producer, consumer)
         self.by_user = by_user
         self.by_ip = by_ip
         self.clock: dict[int, int] = {}  # clicks partition -> latest event time seen there (the sweeps' clock)
@@ -355,8 +414,8 @@ class IpStage(Stage):
     name = "ip"
 
     def __init__(self, s: Settings, topics: Topics, writer: TableWriter, producer: Callable[[], Any],
-                 by_ip: str, model: Model) -> None:
-        super().__init__(s, topics, writer, producer)
+                 by_ip: str, model: Model, consumer: ConsumerOps | None = None) -> None:
+        super().__init__(s, topics, writer, producer, consumer)
         self.by_ip = by_ip
         self.model = model
         self.cache = ProfileCache(s)
