@@ -54,6 +54,7 @@ IP_BATCH_WITHIN_S = 0.002  # longest the IP stage waits for more records before 
 RECORD_MAX_BYTES = 512 * 1024  # by-ip and feature-log records stay under this (Kafka's default limit is 1 MB)
 FAILPOINTS = ("user.begin", "user.write", "user.flush", "ip.begin", "ip.score", "ip.write", "ip.flush")
 EXIT_FAIL_STOP = 70
+REWIND_EVERY_S = 2.0  # a partition that jumped is sought back at most this often (Stage.in_order)
 SWEEP_PER_NEW_KEY = 3.0  # keys the sweep visits per new key a batch adds (see Stage.sweep)
 EVICT_IDLE_MS = 3_600_000  # a partition over its key bound loses keys idle for longer than this
 
@@ -146,7 +147,8 @@ class Stage:
         self.failed_attempts = 0
         self._over_logged = 0.0
         self.next_offset: dict[tuple[str, int], int] = {}  # input partition -> the offset this stage expects next
-        self.rewound: Counter[tuple[str, int, int]] = Counter()
+        self.rewinding: dict[tuple[str, int, int], tuple[float, float]] = {}  # (first, last) seek per jump
+        self.rewinds = 0
 
     def in_order(self, events: list[Any]) -> tuple[list[Any], list[tuple[str, int, int]]]:
         """The events this stage may handle now, and the partitions to fetch again from where.
@@ -156,8 +158,9 @@ class Stage:
         take the earlier clicks for copies when they come again (their keys' states hold a later position), so
         they would be committed undecided. An event past the offset this stage expects (more than one control
         record ahead) is not handled and not counted as acked (``faust_fixes.do_not_count``); its partition is
-        fetched again from the expected offset. A partition that comes back with the same jump three times (the
-        messages are really gone: retention) is let through."""
+        fetched again from the expected offset (once per offset every few seconds: the events already fetched
+        behind the jump keep coming first). It waits for that offset however long it takes, and says so every
+        minute: letting a jump through would lose the clicks in it."""
         keep: list[Any] = []
         rewind: dict[tuple[str, int], int] = {}
         expect = dict(self.next_offset)
@@ -169,8 +172,7 @@ class Stage:
                 committed = self.consumer.committed(m.topic, m.partition)
                 if committed is not None and committed > nxt:  # the group is past it (another worker had it)
                     nxt = expect[tp] = committed
-            if tp in rewind or (nxt is not None and m.offset > nxt + 1
-                                and self.rewound[(m.topic, m.partition, nxt)] < 3):
+            if tp in rewind or (nxt is not None and m.offset > nxt + 1):
                 if tp not in rewind:
                     rewind[tp] = nxt  # type: ignore[assignment]
                 self.consumer.do_not_count(m)
@@ -182,11 +184,17 @@ class Stage:
     async def run(self, events: list[Any]) -> None:
         """One batch, all or nothing, retried (see the module doc). Never raises."""
         events, rewind = self.in_order(events)
+        now = time.monotonic()
         for topic, p, off in rewind:
-            self.rewound[(topic, p, off)] += 1
-            log.warning("%s: %s[%d] jumped past offset %d (messages dropped around a rebalance): fetching it again",
-                        self.name, topic, p, off)
-            await self.consumer.seek(topic, p, off)
+            key = (topic, p, off)
+            first, last = self.rewinding.get(key, (now, 0.0))
+            if now - last >= REWIND_EVERY_S:
+                self.rewinding[key] = (first, now)
+                self.rewinds += 1
+                if last == 0.0 or int((now - first) // 60) > int((last - first) // 60):
+                    log.warning("%s: %s[%d] jumped past offset %d (messages dropped around a rebalance): fetching "
+                                "it again (waiting for it for %.0f s)", self.name, topic, p, off, now - first)
+                await self.consumer.seek(topic, p, off)
         if not events:
             return
         for attempt in range(1, self.s.stage_retries + 1):
@@ -195,7 +203,10 @@ class Stage:
                 await self.step(events)
                 self.batches += 1
                 for ev in events:
-                    self.next_offset[(ev.message.topic, ev.message.partition)] = ev.message.offset + 1
+                    m = ev.message
+                    self.next_offset[(m.topic, m.partition)] = m.offset + 1
+                    if self.rewinding:
+                        self.rewinding.pop((m.topic, m.partition, m.offset), None)
                 M.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - t0)
                 M.BATCH_SIZE.labels(self.name).observe(len(events))
                 return

@@ -130,8 +130,10 @@ def test_a_jump_past_unhandled_offsets_is_not_handled_and_fetched_again(tmp_path
     asyncio.run(st.run(_events(3, start=40) + _events(2, partition=1)))  # 5..39 never came
     assert ops.not_counted == [40, 41, 42] and ops.seeks == [("t.clicks", 0, 5)]
     assert len(st.attempts) == 2 and st.next_offset[("t.clicks", 1)] == 2  # partition 1 went on
+    asyncio.run(st.run(_events(2, start=43)))  # more of what was fetched behind the jump: still not handled
+    assert ops.not_counted == [40, 41, 42, 43, 44] and ops.seeks == [("t.clicks", 0, 5)]  # (one seek per 2 s)
     asyncio.run(st.run(_events(36, start=5)))  # fetched again from 5
-    assert st.next_offset[("t.clicks", 0)] == 41 and len(st.attempts) == 3
+    assert st.next_offset[("t.clicks", 0)] == 41 and len(st.attempts) == 3 and not st.rewinding
     asyncio.run(st.run(_events(2, start=3)))  # a rewind (a seek back to the committed offset) is handled
     assert st.next_offset[("t.clicks", 0)] == 5
 
