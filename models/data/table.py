@@ -28,7 +28,6 @@ to ``DIR/rejects.jsonl`` (``{"file", "row", "reason", "row_data"}``) and counted
 from __future__ import annotations
 
 import csv
-import hashlib
 import ipaddress
 import json
 import re
@@ -491,11 +490,9 @@ def convert(paths: Sequence[Path], mapping: Mapping[str, Any], purchase_paths: S
 
 
 def _sha(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    from models.registry import sha256_file
+
+    return sha256_file(path)
 
 
 def import_table(paths: Sequence[str | Path], out: str | Path, mapping: Mapping[str, Any], *,
