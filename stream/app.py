@@ -163,7 +163,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
             faust_fixes.do_not_count(app.consumer, message)
 
         async def seek(self, topic_name: str, partition: int, offset: int) -> None:
-            await app.consumer.seek(TP(topic_name, partition), offset)
+            await faust_fixes.rewind(app.consumer, TP(topic_name, partition), offset)
 
         def committed(self, topic_name: str, partition: int) -> int | None:
             return faust_fixes.committed_offset(app.consumer, topic_name, partition)

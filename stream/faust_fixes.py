@@ -58,6 +58,13 @@ async def _wait_next_records(self: Any, timeout: float) -> Any:
             if not recs:
                 continue
             o = recs[0].offset  # a fetch is in offset order
+            pending = self.__dict__.get(_REWIND)
+            if pending and tp in pending:  # a stage asked to read this partition again from pending[tp]
+                if o > pending[tp]:
+                    del records[tp]  # still what was fetched before the seek
+                    continue
+                del pending[tp]
+                self._read_offset[tp] = o  # (else the drain loop drops what it already read once)
             read = self._read_offset.get(tp)
             if read is not None and o > read + 2 and self.app.topics.acks_enabled_for(tp.topic):
                 # the fetch position jumped past messages never read (around a rebalance the fetcher can go on
@@ -126,6 +133,18 @@ def committed_offset(consumer: Any, topic: str, partition: int) -> int | None:
 
     off = consumer._committed_offset.get(TP(topic, partition))
     return None if off is None else int(off)
+
+
+_REWIND = "_slidr_rewind"  # TP -> offset a stage wants the partition read again from
+
+
+async def rewind(consumer: Any, tp: Any, offset: int) -> None:
+    """Read ``tp`` again from ``offset``: the fetcher seeks there, and the next fetch that starts there resets the
+    read offset (Faust's ``seek`` sets it at once, while the drain loop may still be handing out an earlier fetch,
+    which sets it back: the messages fetched again were then dropped as read already, and a stage waited for
+    them for good)."""
+    consumer.__dict__.setdefault(_REWIND, {})[tp] = offset
+    await consumer._seek(tp, offset)
 
 
 def do_not_count(consumer: Any, message: Any) -> None:
