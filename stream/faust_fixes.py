@@ -36,7 +36,6 @@ so nothing can suspend the flow while it runs and the outcome is the same. Other
 from __future__ import annotations
 
 import inspect
-import logging
 from typing import Any
 
 from faust.transport.consumer import Consumer
@@ -44,7 +43,6 @@ from faust.utils.functional import consecutive_numbers
 from mode import Service
 from mode.services import WaitResults
 
-log = logging.getLogger(__name__)
 _FIRST = "_slidr_first_fetched"  # TP -> lowest offset fetched since the last seek
 
 
@@ -65,14 +63,6 @@ async def _wait_next_records(self: Any, timeout: float) -> Any:
                     continue
                 del pending[tp]
                 self._read_offset[tp] = o  # (else the drain loop drops what it already read once)
-            read = self._read_offset.get(tp)
-            if read is not None and o > read + 2 and self.app.topics.acks_enabled_for(tp.topic):
-                # the fetch position jumped past messages never read (around a rebalance the fetcher can go on
-                # from where it was while the streams dropped what it had fetched): fetch them again
-                del records[tp]
-                log.warning("fetch of %s jumped from %d to %d: seeking back to read what it skipped", tp, read, o)
-                await self.seek(tp, read)
-                continue
             if tp not in first or o < first[tp]:
                 first[tp] = o
     return records, active

@@ -223,29 +223,3 @@ def test_a_message_of_an_earlier_generation_is_never_counted_as_acked() -> None:
     assert Consumer.ack(c, fresh) is True and c._acked[TP] == [100]
     assert Consumer._new_offset(c, TP) == 101
 
-
-def test_a_fetch_that_jumps_past_unread_messages_is_dropped_and_fetched_again() -> None:
-    """Around a rebalance the fetcher can go on from where it was while the streams dropped what it had fetched:
-    a fetch starting past the last read offset (+1, and one control record) is dropped and the partition seeks
-    back to it (a five-SIGKILL run lost 2,049 clicks, or stalled its commits, without this)."""
-    c = consumer(committed=None)
-    seeks: list[tuple[Any, int]] = []
-
-    async def seek(tp: Any, offset: int) -> None:
-        seeks.append((tp, offset))
-
-    c.seek = seek
-    c._read_offset[TP] = 41  # the last offset the streams read
-    deliver(c, 42, 43)  # next in line: delivered
-    assert seeks == [] and c.__dict__[faust_fixes._FIRST][TP] == 42
-
-    async def fetched(self: Any, timeout: float) -> Any:
-        return {TP: [Msg(TP, 700), Msg(TP, 701)]}, None
-
-    orig, faust_fixes._orig_wait_next_records = faust_fixes._orig_wait_next_records, fetched
-    try:
-        c._read_offset[TP] = 43
-        records, _ = asyncio.run(Consumer._wait_next_records(c, 1.0))
-    finally:
-        faust_fixes._orig_wait_next_records = orig
-    assert TP not in records and seeks == [(TP, 43)]
