@@ -31,11 +31,23 @@ message without it, ``bench/faust_bare.py``). ``_wait_first`` below awaits the d
 those can block it: flow not suspended, flow control active, producer buffer under its limit, subscriptions not
 being updated and no subscribed topic's buffer full. A delivery that cannot block completes without yielding,
 so nothing can suspend the flow while it runs and the outcome is the same. Otherwise it takes Faust's own path.
+
+3. Read offsets after a seek. The drain loop drops a fetched message whose offset is below the partition's read
+offset (the last offset it handed out), so that a fetch is never delivered twice. A seek sets the read offset
+back (``perform_seek`` after a rebalance, to the committed offsets; ``seek``), but the drain loop may still be
+handing out a fetch from before the seek, and each message it delivers sets the read offset forward again. The
+fetch from the sought offset was then dropped as read already: after a SIGKILL and restart, a partition whose
+old fetch had reached the end of the log received nothing at all, and the stage waited for good (the
+five-SIGKILL fault test stalled that way on two of four partitions). Here both seeks mark the partition, and the
+first fetch of it after the seek (aiokafka returns only records fetched from the current position) resets the
+read offset to its first offset. The drain loop takes fetches one at a time, in its own task, so that fetch
+comes after the old one was handed out in full.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any
 
 from faust.transport.consumer import Consumer
@@ -43,26 +55,26 @@ from faust.utils.functional import consecutive_numbers
 from mode import Service
 from mode.services import WaitResults
 
+log = logging.getLogger(__name__)
+
 _FIRST = "_slidr_first_fetched"  # TP -> lowest offset fetched since the last seek
+_RESET = "_slidr_reset_read"  # TPs sought since their last fetch: the next fetch resets the read offset
 
 
 async def _wait_next_records(self: Any, timeout: float) -> Any:
     records, active = await _orig_wait_next_records(self, timeout)
     if records:
-        records = dict(records)
         first: dict[Any, int] = self.__dict__.setdefault(_FIRST, {})
-        for tp in list(records):
-            recs = records[tp]
+        reset: set[Any] | None = self.__dict__.get(_RESET)
+        for tp, recs in records.items():
             if not recs:
                 continue
             o = recs[0].offset  # a fetch is in offset order
-            pending = self.__dict__.get(_REWIND)
-            if pending and tp in pending:  # a stage asked to read this partition again from pending[tp]
-                if o > pending[tp]:
-                    del records[tp]  # still what was fetched before the seek
-                    continue
-                del pending[tp]
-                self._read_offset[tp] = o  # (else the drain loop drops what it already read once)
+            if reset and tp in reset:
+                # the first fetch since a seek of tp: it starts where the seek put the fetcher (aiokafka drops
+                # what it had fetched before), so the drain loop reads on from here (point 3 of the module doc)
+                reset.discard(tp)
+                self._read_offset[tp] = o
             if tp not in first or o < first[tp]:
                 first[tp] = o
     return records, active
@@ -71,6 +83,7 @@ async def _wait_next_records(self: Any, timeout: float) -> Any:
 async def _perform_seek(self: Any) -> None:
     self.__dict__.setdefault(_FIRST, {}).clear()  # a (re)assignment: delivery starts over
     await _orig_perform_seek(self)
+    self.__dict__.setdefault(_RESET, set()).update(self.assignment())
 
 
 def _new_offset(self: Any, tp: Any) -> int | None:
@@ -125,16 +138,17 @@ def committed_offset(consumer: Any, topic: str, partition: int) -> int | None:
     return None if off is None else int(off)
 
 
-_REWIND = "_slidr_rewind"  # TP -> offset a stage wants the partition read again from
-
-
-async def rewind(consumer: Any, tp: Any, offset: int) -> None:
-    """Read ``tp`` again from ``offset``: the fetcher seeks there, and the next fetch that starts there resets the
-    read offset (Faust's ``seek`` sets it at once, while the drain loop may still be handing out an earlier fetch,
-    which sets it back: the messages fetched again were then dropped as read already, and a stage waited for
-    them for good)."""
-    consumer.__dict__.setdefault(_REWIND, {})[tp] = offset
-    await consumer._seek(tp, offset)
+async def rewind(consumer: Any, tp: Any, offset: int) -> bool:
+    """Read ``tp`` again from ``offset``: the fetcher seeks there, and the first fetch after the seek resets the
+    drain loop's read offset (point 3 of the module doc). False when the partition is not assigned (any more):
+    whoever owns it now reads it from the committed offset."""
+    try:
+        await consumer._seek(tp, offset)
+    except Exception as e:  # aiokafka's IllegalStateError: revoked meanwhile (a rebalance seeks it anyway)
+        log.info("no rewind of %s to %d: %r", tp, offset, e)
+        return False
+    consumer.__dict__.setdefault(_RESET, set()).add(tp)
+    return True
 
 
 def do_not_count(consumer: Any, message: Any) -> None:

@@ -194,7 +194,10 @@ class Stage:
                 if last == 0.0 or int((now - first) // 60) > int((last - first) // 60):
                     log.warning("%s: %s[%d] jumped past offset %d (messages dropped around a rebalance): fetching "
                                 "it again (waiting for it for %.0f s)", self.name, topic, p, off, now - first)
-                await self.consumer.seek(topic, p, off)
+                try:
+                    await self.consumer.seek(topic, p, off)
+                except Exception as e:  # never escape (the next batch past the jump seeks again)
+                    log.warning("%s: seeking %s[%d] to %d failed: %r", self.name, topic, p, off, e)
         if not events:
             return
         for attempt in range(1, self.s.stage_retries + 1):

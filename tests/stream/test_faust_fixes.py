@@ -28,6 +28,7 @@ def consumer(committed: int | None = None) -> Any:
     c = SimpleNamespace(_acked=defaultdict(list), _gap=defaultdict(IntervalTree), _acked_index=defaultdict(set),
                         _committed_offset=defaultdict(lambda: None), _unacked_messages=set(),
                         _on_message_in=lambda *a: None, _read_offset=defaultdict(lambda: None),
+                        assignment=lambda: {TP},
                         app=SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda t: True)))
     c._committed_offset[TP] = committed
     return c
@@ -108,6 +109,54 @@ def test_a_seek_restarts_the_first_fetched_offset() -> None:
     deliver(c, 60)
     ack(c, 60)
     assert Consumer._new_offset(c, TP) == 61
+
+
+def _perform_seek(c: Any, committed: int) -> None:
+    async def seek_to(self: Any) -> None:  # what Faust's perform_seek does to the read offset
+        self._read_offset[TP] = committed
+
+    orig, faust_fixes._orig_perform_seek = faust_fixes._orig_perform_seek, seek_to
+    try:
+        asyncio.run(Consumer.perform_seek(c))
+    finally:
+        faust_fixes._orig_perform_seek = orig
+
+
+def test_the_first_fetch_after_a_rebalance_seek_resets_the_read_offset() -> None:
+    """The drain loop may hand out the rest of a fetch from before the rebalance after ``perform_seek`` set the
+    read offset back to the committed offset: each message sets it forward again, and the fetch from the
+    committed offset was dropped as read (a partition stalled for good in the five-SIGKILL test)."""
+    c = consumer(committed=100)
+    _perform_seek(c, 100)
+    c._read_offset[TP] = 180  # the old fetch's last message, handed out after the seek
+    deliver(c, 100, 101)  # the fetch from the committed offset
+    assert c._read_offset[TP] == 100  # so the drain loop delivers 100 and on
+    c._read_offset[TP] = 101
+    deliver(c, 102)  # later fetches leave it alone
+    assert c._read_offset[TP] == 101
+
+
+def test_a_rewind_resets_the_read_offset_at_the_next_fetch_and_never_raises() -> None:
+    c = consumer(committed=100)
+    sought: list[tuple[Any, int]] = []
+
+    async def seek(tp: Any, offset: int) -> None:
+        sought.append((tp, offset))
+
+    c._seek = seek
+    assert asyncio.run(faust_fixes.rewind(c, TP, 120))
+    c._read_offset[TP] = 150  # the fetch being handed out when the stage asked
+    deliver(c, 120)
+    assert sought == [(TP, 120)] and c._read_offset[TP] == 120
+
+    async def revoked(tp: Any, offset: int) -> None:
+        raise RuntimeError("IllegalStateError: No current assignment for partition")
+
+    c._seek = revoked
+    c._read_offset[TP] = 130
+    assert not asyncio.run(faust_fixes.rewind(c, TP, 120))  # revoked meanwhile: nothing to do, nothing raised
+    deliver(c, 140)
+    assert c._read_offset[TP] == 130
 
 
 # --- delivery fast path ----------------------------------------------------------------------------------
