@@ -68,6 +68,13 @@ class Settings(BaseSettings):
     max_keys_per_partition: int = Field(5_000_000, ge=1, description=(
         "Bound on a table partition's keys: above it, the sweep evicts keys idle for more than an hour before their "
         "TTL (their counters start over), logged and counted (the worker's report line)."))
+    rocksdb_write_buffer_mib: int = Field(8, ge=1, description=(
+        "RocksDB memtable size of each table partition's store (two are kept: one filling, one flushing). Faust's "
+        "default, 64 MiB x 3, let a worker's resident memory grow by up to 1.5 GiB for 2 tables x 4 partitions "
+        "before the memtables first flushed, and that looked like a leak in the soak bench."))
+    rocksdb_block_cache_mib: int = Field(16, ge=1, description=(
+        "RocksDB block cache of each table partition's store (Faust's default: 2 GiB each). Hot keys are read "
+        "from the memtables; the cache serves keys flushed to disk."))
     score_batch_within_s: float = Field(0.01, gt=0, description=(
         "Longest a click waits in the user stage's buffer before it is forwarded to scoring."))
     redis_timeout_s: float = Field(0.25, gt=0, description=(

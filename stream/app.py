@@ -150,8 +150,10 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         changelog = app.topic(changelog_topic(s, name), key_type=bytes, value_type=bytes, key_serializer="raw",
                               value_serializer="raw", partitions=s.partitions, compacting=True, deleting=False,
                               acks=False, internal=True, maxsize=131_072, allow_empty=True)
+        rocks = {"write_buffer_size": s.rocksdb_write_buffer_mib << 20, "max_write_buffer_number": 2,
+                 "block_cache_size": s.rocksdb_block_cache_mib << 20}  # bounded memory per store (settings)
         return app.Table(name, default=None, partitions=s.partitions, key_type=bytes, value_type=bytes,
-                         changelog_topic=changelog)
+                         changelog_topic=changelog, options=rocks)
 
     def producer() -> Any:
         """The aiokafka producer under Faust's (records go straight to it: Faust's Topic.send costs a
