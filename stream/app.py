@@ -139,6 +139,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     user_in = topic(t.clicks, by_user_name)  # both partitioned by user key (n partitions each)
     by_ip_name = f"{t.prefix}.by-ip"
     by_ip = topic(by_ip_name)
+    faust_fixes.gapless(by_user_name, by_ip_name)  # our own repartition topics: no control records in them
     topic(by_user_name), topic(t.decisions), topic(t.feature_log)  # declared (partitions checked) like the others
     app.topic(t.dead_letters, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
               partitions=1)

@@ -86,6 +86,15 @@ async def _perform_seek(self: Any) -> None:
     self.__dict__.setdefault(_RESET, set()).update(self.assignment())
 
 
+GAPLESS: set[str] = set()  # topics whose offsets have no gaps (no control records): see gapless()
+
+
+def gapless(*topics: str) -> None:
+    """Declare topics that only a non-transactional producer writes (the worker's repartition topics): their
+    offsets are contiguous, so a gap in what was fetched there is always a message dropped, never acked."""
+    GAPLESS.update(topics)
+
+
 def _new_offset(self: Any, tp: Any) -> int | None:
     acked: list[int] = self._acked[tp]
     if not acked:
@@ -96,9 +105,11 @@ def _new_offset(self: Any, tp: Any) -> int | None:
         # transaction markers). Our input topics are never compacted, and a jump there means messages the fetcher
         # skipped around a rebalance: counted, they let a commit pass clicks never handled. Only a one-offset gap
         # (a transaction's control record) counts; a longer one is left to be fetched again after the seek.
+        # On a topic that only our own non-transactional producer writes (``GAPLESS``) no gap counts at all.
         ranges = sorted(gaps.overlap(0, max(acked)), key=lambda iv: iv.begin)
         if ranges:
-            filler = [o for iv in ranges if iv.end - iv.begin == 1 for o in range(iv.begin, iv.end)]
+            filler = [o for iv in ranges if iv.end - iv.begin == 1 and tp.topic not in GAPLESS
+                      for o in range(iv.begin, iv.end)]
             acked.extend(filler)
             gaps.chop(0, max(acked) + 1)
     acked.sort()

@@ -147,6 +147,8 @@ class Stage:
         self.failed_attempts = 0
         self._over_logged = 0.0
         self.next_offset: dict[tuple[str, int], int] = {}  # input partition -> the offset this stage expects next
+        # input topics only our own non-transactional producer writes: their offsets have no gaps at all
+        self.gapless: frozenset[str] = frozenset()
         self.rewinding: dict[tuple[str, int, int], tuple[float, float]] = {}  # (first, last) seek per jump
         self.rewinds = 0
 
@@ -156,11 +158,13 @@ class Stage:
         Around a rebalance Faust can drop fetched messages (skipped as of an older generation, or cleared from a
         stream's buffer) while the fetcher goes on: the stage would then see a later offset first, count it, and
         take the earlier clicks for copies when they come again (their keys' states hold a later position), so
-        they would be committed undecided. An event past the offset this stage expects (more than one control
-        record ahead) is not handled and not counted as acked (``faust_fixes.do_not_count``); its partition is
-        fetched again from the expected offset (once per offset every few seconds: the events already fetched
-        behind the jump keep coming first). It waits for that offset however long it takes, and says so every
-        minute: letting a jump through would lose the clicks in it."""
+        they would be committed undecided. An event past the offset this stage expects (on the clicks topic,
+        more than one offset ahead: a producer's transaction ends in a control record the consumer never sees; on
+        our own repartition topics, ``gapless``, any offset ahead: one by-ip record dropped there would otherwise
+        pass unseen with all its clicks) is not handled and not counted as acked (``faust_fixes.do_not_count``);
+        its partition is fetched again from the expected offset (once per offset every few seconds: the events
+        already fetched behind the jump keep coming first). It waits for that offset however long it takes, and
+        says so every minute: letting a jump through would lose the clicks in it."""
         keep: list[Any] = []
         rewind: dict[tuple[str, int], int] = {}
         expect = dict(self.next_offset)
@@ -168,11 +172,12 @@ class Stage:
             m = ev.message
             tp = (m.topic, m.partition)
             nxt = expect.get(tp)
-            if nxt is not None and tp not in rewind and m.offset > nxt + 1:
+            slack = 0 if m.topic in self.gapless else 1  # one offset: a producer transaction's control record
+            if nxt is not None and tp not in rewind and m.offset > nxt + slack:
                 committed = self.consumer.committed(m.topic, m.partition)
                 if committed is not None and committed > nxt:  # the group is past it (another worker had it)
                     nxt = expect[tp] = committed
-            if tp in rewind or (nxt is not None and m.offset > nxt + 1):
+            if tp in rewind or (nxt is not None and m.offset > nxt + slack):
                 if tp not in rewind:
                     rewind[tp] = nxt  # type: ignore[assignment]
                 self.consumer.do_not_count(m)
@@ -283,6 +288,7 @@ class UserStage(Stage):
         super().__init__(s, topics, writer, producer, consumer)
         self.by_user = by_user
         self.by_ip = by_ip
+        self.gapless = frozenset({by_user})
         self.clock: dict[int, int] = {}  # clicks partition -> latest event time seen there (the sweeps' clock)
         self.dead = 0
         self.now_ms = int(time.time() * 1000)
@@ -431,6 +437,7 @@ class IpStage(Stage):
                  by_ip: str, model: Model, consumer: ConsumerOps | None = None) -> None:
         super().__init__(s, topics, writer, producer, consumer)
         self.by_ip = by_ip
+        self.gapless = frozenset({by_ip})
         self.model = model
         self.cache = ProfileCache(s)
         self.redis_prefix = s.redis_key_prefix + ":"

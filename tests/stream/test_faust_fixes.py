@@ -94,6 +94,23 @@ def test_only_one_offset_gaps_count_as_acked() -> None:
     assert Consumer._new_offset(c, TP) == 16
 
 
+def test_no_gap_counts_on_our_own_repartition_topics() -> None:
+    """by-ip holds no control records (our producer is not transactional): a one-offset gap there is one record
+    dropped, with all its clicks, and is never committed past."""
+    faust_fixes.gapless(TP.topic)
+    try:
+        c = consumer(committed=10)
+        c._gap[TP].addi(11, 12)
+        ack(c, 10, 12, 13)
+        assert Consumer._new_offset(c, TP) == 11  # only 10
+        c._committed_offset[TP] = 11
+        assert Consumer._new_offset(c, TP) is None
+        ack(c, 11)
+        assert Consumer._new_offset(c, TP) == 14
+    finally:
+        faust_fixes.GAPLESS.discard(TP.topic)
+
+
 def test_a_seek_restarts_the_first_fetched_offset() -> None:
     c = consumer(committed=None)
     deliver(c, 50)

@@ -4,6 +4,7 @@ profile cache's degraded mode, record size bounds and fail points."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -136,6 +137,11 @@ def test_a_jump_past_unhandled_offsets_is_not_handled_and_fetched_again(tmp_path
     assert st.next_offset[("t.clicks", 0)] == 41 and len(st.attempts) == 3 and not st.rewinding
     asyncio.run(st.run(_events(2, start=3)))  # a rewind (a seek back to the committed offset) is handled
     assert st.next_offset[("t.clicks", 0)] == 5
+    asyncio.run(st.run(_events(1, start=6)))  # one offset ahead on clicks: a transaction's control record
+    assert st.next_offset[("t.clicks", 0)] == 7 and ops.seeks == [("t.clicks", 0, 5)]
+    st.gapless = frozenset({"t.clicks"})  # as on our own repartition topics: one offset ahead is a record lost
+    asyncio.run(st.run(_events(1, start=8)))
+    assert st.next_offset[("t.clicks", 0)] == 7 and ops.seeks[-1] == ("t.clicks", 0, 7) and ops.not_counted[-1] == 8
 
 
 def test_profile_cache_answers_none_when_redis_is_unreachable_and_backs_off() -> None:
@@ -143,8 +149,11 @@ def test_profile_cache_answers_none_when_redis_is_unreachable_and_backs_off() ->
 
     async def main() -> None:
         pc = stages.ProfileCache(s)
+        t0 = time.monotonic()
         assert await pc.mget(["a", "b"]) is None
         assert pc.failures == 1 and pc.down_since is not None and pc.backoff == 1.0
+        assert pc.retry_at >= t0 + 0.5  # the next try half a second after the failure at the earliest
+        pc.retry_at = time.monotonic() + 60  # (a loaded machine may take longer than that to get to the next call)
         assert await pc.mget(["a"]) is None and pc.failures == 1  # inside the backoff: Redis left alone
         pc.retry_at = 0.0
         assert await pc.mget(["a"]) is None and pc.failures == 2 and pc.backoff == 2.0
