@@ -32,16 +32,15 @@ those can block it: flow not suspended, flow control active, producer buffer und
 being updated and no subscribed topic's buffer full. A delivery that cannot block completes without yielding,
 so nothing can suspend the flow while it runs and the outcome is the same. Otherwise it takes Faust's own path.
 
-3. Read offsets after a seek. The drain loop drops a fetched message whose offset is below the partition's read
-offset (the last offset it handed out), so that a fetch is never delivered twice. A seek sets the read offset
-back (``perform_seek`` after a rebalance, to the committed offsets; ``seek``), but the drain loop may still be
-handing out a fetch from before the seek, and each message it delivers sets the read offset forward again. The
-fetch from the sought offset was then dropped as read already: after a SIGKILL and restart, a partition whose
-old fetch had reached the end of the log received nothing at all, and the stage waited for good (the
-five-SIGKILL fault test stalled that way on two of four partitions). Here both seeks mark the partition, and the
-first fetch of it after the seek (aiokafka returns only records fetched from the current position) resets the
-read offset to its first offset. The drain loop takes fetches one at a time, in its own task, so that fetch
-comes after the old one was handed out in full.
+3. Read offsets after a seek. The drain loop drops a fetched message below the partition's read offset (the
+last offset it handed out). A seek sets the read offset back (``perform_seek`` after a rebalance, to the
+committed offsets; ``seek``), but the drain loop may still be handing out a fetch from before the seek, and each
+message it delivers sets the read offset forward again. The fetch from the sought offset was then dropped as
+read already: after a SIGKILL and restart, a partition whose old fetch had reached the end of the log received
+nothing at all, and the stage waited for good (the five-SIGKILL fault test stalled that way on two of four
+partitions). The fetcher's position only moves back on a seek, so a fetch that starts at or below the read
+offset is always one from a sought offset: ``_wait_next_records`` sets the read offset to its first offset, and
+the drain loop delivers it (what the seek meant).
 """
 
 from __future__ import annotations
@@ -58,23 +57,21 @@ from mode.services import WaitResults
 log = logging.getLogger(__name__)
 
 _FIRST = "_slidr_first_fetched"  # TP -> lowest offset fetched since the last seek
-_RESET = "_slidr_reset_read"  # TPs sought since their last fetch: the next fetch resets the read offset
 
 
 async def _wait_next_records(self: Any, timeout: float) -> Any:
     records, active = await _orig_wait_next_records(self, timeout)
     if records:
         first: dict[Any, int] = self.__dict__.setdefault(_FIRST, {})
-        reset: set[Any] | None = self.__dict__.get(_RESET)
+        read = self._read_offset
         for tp, recs in records.items():
             if not recs:
                 continue
             o = recs[0].offset  # a fetch is in offset order
-            if reset and tp in reset:
-                # the first fetch since a seek of tp: it starts where the seek put the fetcher (aiokafka drops
-                # what it had fetched before), so the drain loop reads on from here (point 3 of the module doc)
-                reset.discard(tp)
-                self._read_offset[tp] = o
+            r = read.get(tp)
+            if r is not None and o <= r:
+                # fetched again from a sought offset (point 3 of the module doc): the drain loop delivers it
+                read[tp] = o
             if tp not in first or o < first[tp]:
                 first[tp] = o
     return records, active
@@ -83,7 +80,6 @@ async def _wait_next_records(self: Any, timeout: float) -> Any:
 async def _perform_seek(self: Any) -> None:
     self.__dict__.setdefault(_FIRST, {}).clear()  # a (re)assignment: delivery starts over
     await _orig_perform_seek(self)
-    self.__dict__.setdefault(_RESET, set()).update(self.assignment())
 
 
 GAPLESS: set[str] = set()  # topics whose offsets have no gaps (no control records): see gapless()
@@ -150,21 +146,37 @@ def committed_offset(consumer: Any, topic: str, partition: int) -> int | None:
 
 
 async def rewind(consumer: Any, tp: Any, offset: int) -> bool:
-    """Read ``tp`` again from ``offset``: the fetcher seeks there, and the first fetch after the seek resets the
-    drain loop's read offset (point 3 of the module doc). False when the partition is not assigned (any more):
-    whoever owns it now reads it from the committed offset."""
+    """Read ``tp`` again from ``offset`` (the drain loop delivers that fetch: point 3 of the module doc). The
+    seek runs in the consumer's thread, where aiokafka lives (Faust's ``Consumer.seek`` calls it from the event
+    loop's thread, and a fetch being collected meanwhile crashed the fetcher with a KeyError once). False when
+    the partition is not assigned (any more): whoever owns it now reads it from the committed offset."""
     try:
-        await consumer._seek(tp, offset)
+        await consumer.seek_wait({tp: offset})
     except Exception as e:  # aiokafka's IllegalStateError: revoked meanwhile (a rebalance seeks it anyway)
         log.info("no rewind of %s to %d: %r", tp, offset, e)
         return False
-    consumer.__dict__.setdefault(_RESET, set()).add(tp)
     return True
 
 
 def do_not_count(consumer: Any, message: Any) -> None:
     """Make the coming ack of ``message`` not count toward commits (it was not handled; it is fetched again)."""
     consumer.__dict__.setdefault(_NOCOUNT, set()).add(message)
+
+
+def current(consumer: Any, message: Any) -> bool:
+    """Whether ``message`` was fetched under the consumer's current group generation (an older one's are fetched
+    again after the rebalance's seek, by whoever owns the partition now)."""
+    gen = getattr(message, "generation_id", None)
+    return gen is None or gen == consumer.app.consumer_generation_id
+
+
+def count_ack(consumer: Any, message: Any) -> bool:
+    """Count the ack of a message acked earlier without counting (``do_not_count``): a stage that held its
+    clicks has handled them now. Not for a message of an earlier generation (see ``_ack``)."""
+    if not current(consumer, message):
+        return False
+    message.acked = False
+    return bool(_orig_ack(consumer, message))
 
 
 def _ack(self: Any, message: Any) -> bool:

@@ -128,52 +128,35 @@ def test_a_seek_restarts_the_first_fetched_offset() -> None:
     assert Consumer._new_offset(c, TP) == 61
 
 
-def _perform_seek(c: Any, committed: int) -> None:
-    async def seek_to(self: Any) -> None:  # what Faust's perform_seek does to the read offset
-        self._read_offset[TP] = committed
-
-    orig, faust_fixes._orig_perform_seek = faust_fixes._orig_perform_seek, seek_to
-    try:
-        asyncio.run(Consumer.perform_seek(c))
-    finally:
-        faust_fixes._orig_perform_seek = orig
-
-
-def test_the_first_fetch_after_a_rebalance_seek_resets_the_read_offset() -> None:
-    """The drain loop may hand out the rest of a fetch from before the rebalance after ``perform_seek`` set the
-    read offset back to the committed offset: each message sets it forward again, and the fetch from the
-    committed offset was dropped as read (a partition stalled for good in the five-SIGKILL test)."""
+def test_a_fetch_from_a_sought_offset_resets_the_read_offset() -> None:
+    """The drain loop may hand out the rest of a fetch from before a seek (``perform_seek`` after a rebalance, or
+    a rewind) after the seek set the read offset back: each message sets it forward again, and the fetch from the
+    sought offset was dropped as read (a partition stalled for good in the five-SIGKILL test)."""
     c = consumer(committed=100)
-    _perform_seek(c, 100)
-    c._read_offset[TP] = 180  # the old fetch's last message, handed out after the seek
-    deliver(c, 100, 101)  # the fetch from the committed offset
+    c._read_offset[TP] = 180  # the old fetch's last message, handed out after the seek to 100
+    deliver(c, 100, 101)  # the fetch from the sought offset
     assert c._read_offset[TP] == 100  # so the drain loop delivers 100 and on
     c._read_offset[TP] = 101
-    deliver(c, 102)  # later fetches leave it alone
+    deliver(c, 102)  # a fetch going on from where the last one ended leaves it alone
     assert c._read_offset[TP] == 101
 
 
-def test_a_rewind_resets_the_read_offset_at_the_next_fetch_and_never_raises() -> None:
+def test_a_rewind_seeks_in_the_consumer_thread_and_never_raises() -> None:
     c = consumer(committed=100)
-    sought: list[tuple[Any, int]] = []
+    sought: list[dict[Any, int]] = []
 
-    async def seek(tp: Any, offset: int) -> None:
-        sought.append((tp, offset))
+    async def seek_wait(partitions: dict[Any, int]) -> None:
+        sought.append(partitions)
 
-    c._seek = seek
+    c.seek_wait = seek_wait
     assert asyncio.run(faust_fixes.rewind(c, TP, 120))
-    c._read_offset[TP] = 150  # the fetch being handed out when the stage asked
-    deliver(c, 120)
-    assert sought == [(TP, 120)] and c._read_offset[TP] == 120
+    assert sought == [{TP: 120}]
 
-    async def revoked(tp: Any, offset: int) -> None:
+    async def revoked(partitions: dict[Any, int]) -> None:
         raise RuntimeError("IllegalStateError: No current assignment for partition")
 
-    c._seek = revoked
-    c._read_offset[TP] = 130
+    c.seek_wait = revoked
     assert not asyncio.run(faust_fixes.rewind(c, TP, 120))  # revoked meanwhile: nothing to do, nothing raised
-    deliver(c, 140)
-    assert c._read_offset[TP] == 130
 
 
 # --- delivery fast path ----------------------------------------------------------------------------------
