@@ -68,6 +68,17 @@ class Settings(BaseSettings):
     max_keys_per_partition: int = Field(5_000_000, ge=1, description=(
         "Bound on a table partition's keys: above it, the sweep evicts keys idle for more than an hour before their "
         "TTL (their counters start over), logged and counted (the worker's report line)."))
+    ip_watermark: bool = Field(True, description=(
+        "Per-IP features independent of arrival order: the IP stage holds each click until every input partition "
+        "of the user stage has passed it in event time, and counts clicks in event-time order (stream/stages.py, "
+        "IpStage). Off: clicks are counted as they arrive, and a lagging partition changes other clicks' features."))
+    watermark_idle_s: float = Field(5.0, gt=0, description=(
+        "An input partition whose event time has not moved for this long (wall clock) no longer holds the IP "
+        "stage's watermark back: the longest a click waits for a partition without traffic."))
+    watermark_max_hold_s: float = Field(60.0, gt=0, description=(
+        "Longest the IP stage holds a click for the watermark (wall clock); then it is released anyway (counted)."))
+    watermark_max_held: int = Field(100_000, ge=1, description=(
+        "Most clicks the IP stage holds per by-ip partition; beyond it the oldest are released anyway (counted)."))
     rocksdb_write_buffer_mib: int = Field(8, ge=1, description=(
         "RocksDB memtable size of each table partition's store (two are kept: one filling, one flushing). Faust's "
         "default, 64 MiB x 3, let a worker's resident memory grow by up to 1.5 GiB for 2 tables x 4 partitions "

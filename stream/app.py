@@ -171,6 +171,12 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         def committed(self, topic_name: str, partition: int) -> int | None:
             return faust_fixes.committed_offset(app.consumer, topic_name, partition)
 
+        def count(self, message: Any) -> None:
+            faust_fixes.count_ack(app.consumer, message)
+
+        def current(self, message: Any) -> bool:
+            return faust_fixes.current(app.consumer, message)
+
     users = UserStage(s, t, TableWriter(table(USERS_TABLE)), producer, by_user_name, by_ip_name, Ops())
     ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, by_ip_name, model, Ops())
 
@@ -187,6 +193,12 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         # A few by-ip records at a time (whatever arrived within a few ms): one scoring batch, one flush.
         async for events in stream.take_events(IP_RECORDS_PER_BATCH, within=IP_BATCH_WITHIN_S):
             await ips.run(events)
+
+    @app.timer(0.2)
+    async def release_held_clicks() -> None:
+        # Held clicks (the IP stage's watermark) leave when their inputs pass them or go idle, also while no
+        # new records come; ``run`` takes turns with the agent's batches and never raises.
+        await ips.tick()
 
     swap = ModelSwap(s, ips) if follow_registry else None
 

@@ -27,6 +27,9 @@ SCORING_SECONDS = Histogram("slidr_scoring_seconds", "Time of one ONNX call (a s
 CONSUMER_LAG = Gauge("slidr_consumer_lag", "Messages behind the end of an assigned partition", ["topic", "partition"])
 ACTIVE_MODEL = Gauge("slidr_active_model", "1 for the model version this worker scores with", ["model_version"])
 MODEL_SWAPS = Counter("slidr_model_swaps_total", "Model switches of a running worker", ["outcome"])
+WATERMARK_FORCED = Counter("slidr_watermark_forced_total", "Clicks the IP stage released before the watermark "
+                           "passed them (held longer than watermark_max_hold_s, or over watermark_max_held)")
+HELD = Gauge("slidr_ip_held_clicks", "Clicks the IP stage holds until the watermark passes them")
 REDIS_UP = Gauge("slidr_profile_cache_up", "1 while the profile cache answers, 0 in degraded mode")
 TABLE_KEYS = Gauge("slidr_table_keys", "Keys held by a table (this worker's partitions)", ["table"])
 EVICTED = Counter("slidr_table_evictions_total", "Keys evicted before their TTL (partition over its bound)",

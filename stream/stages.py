@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import heapq
 import logging
 import math
 import os
 import sys
 import time
 import zlib
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -115,6 +116,17 @@ def _b64(raw: bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
+class _Held(NamedTuple):
+    """A click the IP stage holds until the watermark passes it."""
+
+    c: Any  # ClickView
+    rec: Any  # the forwarded record ({"c", "u", "p"})
+    tag: int  # its input (a clicks partition, or FORWARDED + a by-user partition)
+    off: int  # its offset there (the IP state's dedupe position)
+    msg: Any  # the by-ip message it came in
+    at: float  # when it came (the stage's wall clock)
+
+
 class ConsumerOps:
     """What a stage asks of the consumer (``stream/app.py`` binds Faust's; tests use this no-op one)."""
 
@@ -127,6 +139,13 @@ class ConsumerOps:
     def committed(self, topic: str, partition: int) -> int | None:
         """The group's committed offset of the partition as the consumer knows it (None: unknown)."""
         return None
+
+    def count(self, message: Any) -> None:
+        """A message acked earlier without counting (``do_not_count``) is handled now: count its ack."""
+
+    def current(self, message: Any) -> bool:
+        """Whether the message was fetched under the consumer's current assignment (not before a rebalance)."""
+        return True
 
 
 class Stage:
@@ -151,6 +170,7 @@ class Stage:
         self.gapless: frozenset[str] = frozenset()
         self.rewinding: dict[tuple[str, int, int], tuple[float, float]] = {}  # (first, last) seek per jump
         self.rewinds = 0
+        self.lock = asyncio.Lock()
 
     def in_order(self, events: list[Any]) -> tuple[list[Any], list[tuple[str, int, int]]]:
         """The events this stage may handle now, and the partitions to fetch again from where.
@@ -188,6 +208,17 @@ class Stage:
 
     async def run(self, events: list[Any]) -> None:
         """One batch, all or nothing, retried (see the module doc). Never raises."""
+        async with self.lock:  # the agent's batches and the IP stage's timer (``tick``) take turns
+            await self._run(events)
+
+    def intake(self, events: list[Any]) -> None:
+        """Take what the events bring before the batch step (once, not retried; the IP stage holds clicks)."""
+
+    def due(self) -> bool:
+        """Whether a batch without new events has work (the IP stage: held clicks to release)."""
+        return False
+
+    async def _run(self, events: list[Any]) -> None:
         events, rewind = self.in_order(events)
         now = time.monotonic()
         for topic, p, off in rewind:
@@ -203,7 +234,11 @@ class Stage:
                     await self.consumer.seek(topic, p, off)
                 except Exception as e:  # never escape (the next batch past the jump seeks again)
                     log.warning("%s: seeking %s[%d] to %d failed: %r", self.name, topic, p, off, e)
-        if not events:
+        try:
+            self.intake(events)
+        except Exception as e:  # (intake dead-letters what it cannot read; this is a bug: stop, never escape)
+            fail_stop(f"{self.name}: taking {len(events)} events failed: {e!r}")
+        if not events and not self.due():
             return
         for attempt in range(1, self.s.stage_retries + 1):
             t0 = time.perf_counter()
@@ -290,6 +325,7 @@ class UserStage(Stage):
         self.by_ip = by_ip
         self.gapless = frozenset({by_user})
         self.clock: dict[int, int] = {}  # clicks partition -> latest event time seen there (the sweeps' clock)
+        self.beat: dict[int, int] = {}  # input tag (see FORWARDED) -> latest event time forwarded from it
         self.dead = 0
         self.now_ms = int(time.time() * 1000)
         self.skew_ms = int(s.max_future_skew_s * 1000)
@@ -312,27 +348,35 @@ class UserStage(Stage):
         faults.hit("user.begin")
         fwd: dict[int, list[bytes]] = {}
         clock = dict(self.clock)
+        beat = dict(self.beat)
         dead = 0
         self.now_ms = int(time.time() * 1000)  # the event-time guard's clock, once per batch
         for event in events:
-            dead += self.event(event, fwd, clock)
+            dead += self.event(event, fwd, clock, beat)
         per_partition = Counter(ev.message.partition for ev in events if ev.message.topic == self.t.clicks)
         new = self.writer.new_keys()
         for p, n in per_partition.items():  # ours until these events are acked
             self.sweep(p, clock.get(p, 0), n, new.get(p, 0))
+        moved = sorted(tag for tag, ts in beat.items() if ts != self.beat.get(tag))
+        if moved and self.s.ip_watermark:  # every by-ip partition learns how far each input has come (after
+            hb = b'{"w":' + orjson.dumps([[tag, beat[tag]] for tag in moved]) + b"}"  # the clicks it covers)
+            for q in range(self.s.partitions):
+                fwd.setdefault(q, []).append(hb)
         for p, items in fwd.items():
             for chunk in _chunks(items, RECORD_MAX_BYTES):
                 self.out.add(self.by_ip, None, b"[" + b",".join(chunk) + b"]", partition=p)
         await self.commit_batch()
         self.clock = clock
+        self.beat = beat
         self.dead += dead
         M.CLICKS.labels("user").inc(len(events))
         if dead:
             M.DEAD_LETTERS.labels("user").inc(dead)
 
-    def event(self, event: Any, fwd: dict[int, list[bytes]], clock: dict[int, int]) -> int:
-        """One click: validate, update its user's state, add it to the record bound for its IP's partition.
-        Returns the number of dead letters it caused (0 or 1)."""
+    def event(self, event: Any, fwd: dict[int, list[bytes]], clock: dict[int, int], beat: dict[int, int]) -> int:
+        """One click: validate, update its user's state, add it to the record bound for its IP's partition
+        (``beat``: the newest event time forwarded per input, for the IP stage's watermark). Returns the number
+        of dead letters it caused (0 or 1)."""
         msg = event.message
         raw: bytes = event.value
         try:
@@ -369,10 +413,14 @@ class UserStage(Stage):
             return 1
         if tag < FORWARDED and c.ts > clock.get(msg.partition, 0):
             clock[msg.partition] = c.ts
-        if out is not None:  # forward the click with its position here (the next stage's dedupe key)
+        if c.ts > beat.get(tag, 0):
+            beat[tag] = c.ts
+        if out is not None:  # forward the click with the position of what this stage read (the next stage's
+            # dedupe key: a by-user offset for a forwarded click, since forwarded clicks of one clicks partition
+            # reach an IP through several by-user partitions, out of their clicks order)
             fwd.setdefault(ip_partition(c.ip_key, self.s.partitions), []).append(
-                b'{"c":' + raw + b',"u":' + orjson.dumps(out) + b',"p":[' + str(src[0]).encode() + b","
-                + str(src[1]).encode() + b"]}")
+                b'{"c":' + raw + b',"u":' + orjson.dumps(out) + b',"p":[' + str(tag).encode() + b","
+                + str(msg.offset).encode() + b"]}")
         return 0
 
 
@@ -429,7 +477,22 @@ class ProfileCache:
 
 
 class IpStage(Stage):
-    """by-ip records -> ips table -> profiles -> one ONNX call -> decisions + feature log."""
+    """by-ip records -> ips table -> profiles -> one ONNX call -> decisions + feature log.
+
+    Per-IP features independent of arrival order (``ip_watermark``): a by-ip partition merges the clicks of every
+    input partition of the user stage as they arrive, and a lagging one (a restore, a slow worker, a catch-up)
+    would have a fast partition's click counted before the earlier clicks it has not delivered yet. So clicks are
+    held, per by-ip partition and per input (``"p"`` tag: a clicks partition, or a by-user partition), and
+    released in event-time order once the watermark passes them: the lowest of the inputs' clocks, which the
+    user stage sends with every flush (``{"w": [[tag, newest event time forwarded], ...]}``, after the clicks
+    it covers). Each input's clicks leave in the order they came (the IP state's dedupe needs it), the inputs
+    merged by (event time, tag). An input whose clock has not moved for ``watermark_idle_s`` no longer holds the
+    others back (a partition without traffic), nor one never heard of after that long; a click held longer than
+    ``watermark_max_hold_s``, or beyond ``watermark_max_held`` clicks per partition, is released anyway (counted:
+    ``slidr_watermark_forced_total``). A click below the watermark when it comes (late within its own input) is
+    released at once. A held click's message is acked without counting (``ConsumerOps.do_not_count``) and counted
+    once all its clicks are decided (``ConsumerOps.count``): commits stay behind held clicks, so a crash
+    redelivers them. ``tick`` (a timer) releases clicks when no new records come."""
 
     name = "ip"
 
@@ -441,19 +504,177 @@ class IpStage(Stage):
         self.model = model
         self.cache = ProfileCache(s)
         self.redis_prefix = s.redis_key_prefix + ":"
-        self.clock: dict[int, int] = {}
+        self.clock: dict[int, int] = {}  # by-ip partition -> newest event time released there (sweeps)
         self.decided = 0
         self.degraded = 0
         self.dead = 0
+        self.forced = 0
         self._decided: Counter[tuple[str, str, str]] = Counter()  # (slice, valid, version) -> decisions, last batch
+        self.now: Callable[[], float] = time.monotonic  # wall clock of the watermark's timeouts (tests move it)
+        self.held: dict[int, dict[int, deque[_Held]]] = {}  # by-ip partition -> input tag -> clicks in order
+        self.n_held: dict[int, int] = {}
+        self.inputs: dict[int, dict[int, list[float]]] = {}  # by-ip partition -> tag -> [clock, when it moved]
+        self.first_seen: dict[int, float] = {}
+        self.waiting: dict[tuple[str, int, int], list[Any]] = {}  # message -> [message, clicks not released]
+        self._bad: list[tuple[Any, bytes, str]] = []  # what intake could not read: dead-lettered by the step
 
+    # --- intake: hold what comes ------------------------------------------------------------------------
+    def intake(self, events: list[Any]) -> None:
+        now = self.now()
+        for event in events:
+            msg = event.message
+            q = msg.partition
+            self.first_seen.setdefault(q, now)
+            try:
+                recs = orjson.loads(event.value)
+                if not isinstance(recs, list):
+                    raise ValueError("a by-ip record is a list")
+            except Exception as e:
+                log.exception("ip stage: by-ip[%d]@%d could not be read", q, msg.offset)
+                self._bad.append((msg, bytes(event.value or b""), f"processing failed: {e!r}"))
+                continue
+            n = 0
+            for i, rec in enumerate(recs):
+                try:
+                    if "w" in rec:
+                        self._beat(q, rec["w"], now)
+                        continue
+                    c = ClickView(rec["c"])
+                    tag, off = int(rec["p"][0]), int(rec["p"][1])
+                    c.ip_key  # noqa: B018  (a click without a readable IP fails here, not in the step)
+                except Exception as e:  # (as in the user stage)
+                    log.exception("ip stage: click %d of by-ip[%d]@%d could not be read", i, q, msg.offset)
+                    raw = orjson.dumps(rec.get("c") if isinstance(rec, dict) else rec)
+                    self._bad.append((msg, raw, f"processing failed: {e!r}"))
+                    continue
+                self.held.setdefault(q, {}).setdefault(tag, deque()).append(_Held(c, rec, tag, off, msg, now))
+                self.n_held[q] = self.n_held.get(q, 0) + 1
+                n += 1
+            if n:
+                self.waiting[(msg.topic, q, msg.offset)] = [msg, n]
+
+    def _beat(self, q: int, clocks: Any, now: float) -> None:
+        inputs = self.inputs.setdefault(q, {})
+        for tag, ts in clocks:
+            cur = inputs.get(int(tag))
+            if cur is None or ts > cur[0]:
+                inputs[int(tag)] = [ts, now]
+
+    def watermark(self, q: int, now: float) -> float:
+        """Event time up to which every input of by-ip partition ``q`` has delivered its clicks."""
+        if not self.s.ip_watermark:
+            return math.inf
+        idle = self.s.watermark_idle_s
+        inputs = self.inputs.get(q, {})
+        if now - self.first_seen.get(q, now) <= idle and any(p not in inputs for p in range(self.s.partitions)):
+            return -math.inf  # a clicks partition not heard of yet: wait for it a while
+        live = [ts for ts, moved in inputs.values() if now - moved <= idle]
+        return min(live) if live else math.inf
+
+    def _release(self, now: float) -> list[tuple[int, _Held]]:
+        """Pop the held clicks that may go now, per by-ip partition in (event time, tag) order."""
+        out: list[tuple[int, _Held]] = []
+        for q, queues in self.held.items():
+            if not self.n_held.get(q):
+                continue
+            w = self.watermark(q, now)
+            heads = [(dq[0].c.ts, tag) for tag, dq in queues.items() if dq]
+            heapq.heapify(heads)
+            while heads:
+                ts, tag = heads[0]
+                dq = queues[tag]
+                h = dq[0]
+                if ts > w:
+                    if self.n_held[q] <= self.s.watermark_max_held and now - h.at <= self.s.watermark_max_hold_s:
+                        break
+                    self.forced += 1
+                    M.WATERMARK_FORCED.inc()
+                dq.popleft()
+                self.n_held[q] -= 1
+                out.append((q, h))
+                if dq:
+                    heapq.heapreplace(heads, (dq[0].c.ts, tag))
+                else:
+                    heapq.heappop(heads)
+        return out
+
+    def _unrelease(self, released: list[tuple[int, _Held]]) -> None:
+        """Put popped clicks back (a failed attempt): each at the front of its queue, in order."""
+        for q, h in reversed(released):
+            self.held[q][h.tag].appendleft(h)
+            self.n_held[q] += 1
+
+    def due(self) -> bool:
+        now = self.now()
+        for q, queues in self.held.items():
+            if not self.n_held.get(q):
+                continue
+            w = self.watermark(q, now)
+            if self.n_held[q] > self.s.watermark_max_held:
+                return True
+            for dq in queues.values():
+                if dq and (dq[0].c.ts <= w or now - dq[0].at > self.s.watermark_max_hold_s):
+                    return True
+        return False
+
+    async def tick(self) -> None:
+        """Release what the watermark or a timeout lets go while no records come (the worker's timer)."""
+        await self.run([])
+
+    # --- the batch step: release, count, score ----------------------------------------------------------
     async def step(self, events: list[Any]) -> None:
         faults.hit("ip.begin")
+        released = self._release(self.now())
+        try:
+            await self._decide(released)
+        except BaseException:
+            self._unrelease(released)
+            raise
+        self._bad = []
+        done: list[Any] = []
+        for _, h in released:
+            key = (h.msg.topic, h.msg.partition, h.msg.offset)
+            w = self.waiting.get(key)
+            if w is not None:
+                w[1] -= 1
+                if w[1] <= 0:
+                    del self.waiting[key]
+                    done.append(w[0])
+        held_now = {(e.message.topic, e.message.partition, e.message.offset) for e in events}
+        for key in held_now & self.waiting.keys():  # acked by Faust after this batch, but not decided yet
+            self.consumer.do_not_count(self.waiting[key][0])
+        for msg in done:
+            if (msg.topic, msg.partition, msg.offset) not in held_now:  # held over from an earlier batch
+                self.consumer.count(msg)
+        M.HELD.set(sum(self.n_held.values()))
+
+    async def _decide(self, released: list[tuple[int, _Held]]) -> None:
         todo: list[tuple[int, F.ClickLike, Any, list[float]]] = []
         clock = dict(self.clock)
         dead = 0
-        for event in events:
-            dead += self.event(event, todo, clock)
+        for msg, raw, reason in self._bad:
+            self.dead_letter(msg, raw, "worker", reason)
+            dead += 1
+        counted: Counter[int] = Counter()
+        for q, h in released:
+            if not self.consumer.current(h.msg):
+                continue  # fetched before a rebalance: redelivered (to whoever owns the partition now)
+            c = h.c
+            try:
+                out = apply(self.writer, q, c.ip_key.encode(), c, (h.tag, h.off), F.update_ip, self.stats)
+            except Exception as e:  # (as in the user stage)
+                log.exception("ip stage: a click of by-ip[%d]@%d could not be processed", q, h.msg.offset)
+                self.dead_letter(h.msg, orjson.dumps(h.rec.get("c")), "worker", f"processing failed: {e!r}")
+                dead += 1
+                continue
+            if out is not None:  # a copy (None) has nothing to decide
+                todo.append((q, c, h.rec, out))
+                counted[q] += 1
+            if c.ts > clock.get(q, 0):
+                clock[q] = c.ts
+        new = self.writer.new_keys()
+        for q, n in counted.items():
+            self.sweep(q, clock.get(q, 0), n, new.get(q, 0))  # ours until acked
         decided = degraded = 0
         self._decided = Counter()
         if todo:
@@ -471,32 +692,6 @@ class IpStage(Stage):
         for (sl, valid, version), n in self._decided.items():
             M.DECISIONS.labels(sl, valid, version).inc(n)
         M.REDIS_UP.set(0 if self.cache.down_since is not None else 1)
-
-    def event(self, event: Any, todo: list[tuple[int, F.ClickLike, Any, list[float]]],
-              clock: dict[int, int]) -> int:
-        """One by-ip record (the clicks of one user-stage flush bound for its partition): update the ips table
-        click by click and add the clicks to score. Returns the dead letters it caused."""
-        msg = event.message
-        p = msg.partition
-        n = dead = 0
-        for i, rec in enumerate(orjson.loads(event.value)):
-            try:
-                c = ClickView(rec["c"])
-                src = (rec["p"][0], rec["p"][1])
-                out = apply(self.writer, p, c.ip_key.encode(), c, src, F.update_ip, self.stats)
-            except Exception as e:  # (as in the user stage)
-                log.exception("ip stage: click %d of by-ip[%d]@%d could not be processed", i, p, msg.offset)
-                self.dead_letter(msg, orjson.dumps(rec.get("c") if isinstance(rec, dict) else rec), "worker",
-                                 f"processing failed: {e!r}")
-                dead += 1
-                continue
-            if out is not None:  # a copy (None) has nothing to decide
-                todo.append((p, c, rec, out))
-                n += 1
-            if c.ts > clock.get(p, 0):
-                clock[p] = c.ts
-        self.sweep(p, clock.get(p, 0), n, self.writer.new_keys().get(p, 0))  # ours until acked
-        return dead
 
     async def score(self, todo: list[tuple[int, F.ClickLike, Any, list[float]]]) -> tuple[int, int]:
         """Profiles (one Redis MGET), one ONNX call, a decision per click and feature-log records per by-ip

@@ -9,6 +9,7 @@ Redis is unreachable here (port 1): the IP stage scores in degraded mode, which 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -80,6 +81,8 @@ class Harness:
         self.ips.out = Collector(self.s.partitions)  # type: ignore[assignment]
         self.offsets: dict[tuple[str, int], int] = defaultdict(int)
         self.out: list[tuple[str, bytes | None, bytes | None, int]] = []
+        self.skew = 0.0  # the IP stage's wall clock runs ahead by this (to let held clicks go at once)
+        self.ips.now = lambda: time.monotonic() + self.skew
 
     def _event(self, topic: str, partition: int, key: bytes | None, value: bytes) -> Any:
         off = self.offsets[(topic, partition)]
@@ -87,10 +90,11 @@ class Harness:
         msg = SimpleNamespace(topic=topic, partition=partition, offset=off)
         return SimpleNamespace(message=msg, key=key, value=value, headers=[])
 
-    def feed(self, clicks: list[Click] | list[bytes], keys: list[bytes] | None = None
+    def feed(self, clicks: list[Click] | list[bytes], keys: list[bytes] | None = None, drain: bool = True
              ) -> list[tuple[str, bytes | None, bytes | None, int]]:
         """One user-stage batch of these clicks (Click objects keyed by user key, or raw bytes with ``keys``),
-        then one IP-stage batch per by-ip partition; returns every record both stages sent."""
+        then one IP-stage batch per by-ip partition, then (``drain``) the inputs go idle and the IP stage releases
+        what it holds; returns every record both stages sent."""
         evs = []
         for i, c in enumerate(clicks):
             raw = c.to_json() if isinstance(c, Click) else c
@@ -105,6 +109,10 @@ class Harness:
         m0 = len(io.sent)
         for p in sorted({e.message.partition for e in by_ip}):
             asyncio.run(self.ips.run([e for e in by_ip if e.message.partition == p]))
+        # nothing more comes: every input goes idle, and the IP stage releases what it holds (in event-time order)
+        if drain:
+            self.skew += self.s.watermark_idle_s + 1
+            asyncio.run(self.ips.run([]))
         out = produced + io.sent[m0:]
         self.out += out
         return out

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from schemas.events import Click
 from stream import features as F
+from stream.publish import key_partition
 from stream.stages import read_feature_log
+from stream.synth import traffic
 from tests.stream.helpers import T0, click
 from tests.stream.stage_harness import Harness
 
+N_CLICK_FEATURES = F.FEATURE_NAMES.index("rfm_score")  # the columns before the profile's
 Y2099 = 4_070_908_800_000  # 2099-01-01, inside the schema's bounds (up to 2100)
 
 
@@ -59,3 +64,69 @@ def test_too_late_clicks_are_dead_lettered_and_late_ones_in_the_window_count(tmp
     assert set(h.decisions()) == {"c1", "c2"}
     st = h.state("users", "s:a")
     assert st is not None and sum(c for _, c in st["h"]) == 2  # the late click counted, in its own bucket
+
+
+def lagging(clicks: list[Click], partitions: int, behind_ms: int) -> list[Click]:
+    """The clicks with those of clicks partition 0 (by user key) shifted ``behind_ms`` back in event time: that
+    partition delivers its event time that far behind the others, all along."""
+    return [c.model_copy(update={"ts": c.ts - behind_ms}) if key_partition(c.user_key.encode(), partitions) == 0
+            else c for c in clicks]
+
+
+def event_time_order(clicks: list[Click], partitions: int) -> list[Click]:
+    """Global event-time order as the IP stage releases clicks: (event time, clicks partition, offset there)."""
+    pos: dict[int, int] = {}
+    keyed = []
+    for c in clicks:
+        p = key_partition(c.user_key.encode(), partitions)
+        pos[p] = pos.get(p, -1) + 1
+        keyed.append(((c.ts, p, pos[p]), c))
+    return [c for _, c in sorted(keyed, key=lambda kc: kc[0])]
+
+
+def _lagging_traffic(h: Harness) -> list[Click]:
+    """75 min of traffic on 12 IPs shared by 120 users, clicks partition 0 half an hour behind (none late within
+    its own partition: a late click is counted when it comes, the one order dependence left by design)."""
+    return lagging(traffic(3000, seed=41, users=120, ips=12, rate_ms=1500, late_frac=0.0), h.s.partitions,
+                   30 * 60_000)
+
+
+def test_ip_features_do_not_depend_on_a_partition_lagging(tmp_path: Path) -> None:
+    """One clicks partition 30 min of event time behind the others (issue 16, item 2): every click's features
+    equal ``featurize`` in global event-time order, bit for bit, however its by-ip partition interleaved them
+    (on the landed main ip_clicks_1h differed on about a quarter of the clicks)."""
+    h = Harness(tmp_path)
+    clicks = _lagging_traffic(h)
+    for i in range(0, len(clicks), 150):  # produced in order; the IP stage holds what the watermark has not passed
+        h.feed(clicks[i:i + 150], drain=False)
+        assert h.ips.forced == 0
+    assert sum(h.ips.n_held.values()) > 200  # the fast partitions' last half hour waits for the slow one
+    h.feed([])  # traffic ends: the inputs go idle, and the rest goes
+    assert sum(h.ips.n_held.values()) == 0
+    got, want = _vs_event_time_order(h, clicks)
+    assert set(got) == set(want)
+    bad = [k for k in want if not np.array_equal(got[k], want[k])]
+    assert not bad, f"{len(bad)} of {len(want)} clicks differ, e.g. {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
+
+
+def _vs_event_time_order(h: Harness, clicks: list[Click]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each click's features as the stages published them, and as ``featurize`` gives them in global event-time
+    order (float32, as served; the profile columns left out: the harness has no Redis, so they are missing)."""
+    order = event_time_order(clicks, h.s.partitions)
+    X = F.featurize(order, {})[:, :N_CLICK_FEATURES]
+    want = {c.click_id: X[i] for i, c in enumerate(order)}
+    got = {k: np.asarray(v, dtype=np.float32)[:N_CLICK_FEATURES] for k, v in _features(h).items()}
+    return got, want
+
+
+def test_without_the_watermark_a_lagging_partition_changes_ip_features(tmp_path: Path) -> None:
+    """The same traffic with ``ip_watermark`` off: clicks are counted as they arrive, and the comparison above
+    fails (this is what the watermark fixes)."""
+    h = Harness(tmp_path, ip_watermark=False)
+    clicks = _lagging_traffic(h)
+    for i in range(0, len(clicks), 150):
+        h.feed(clicks[i:i + 150], drain=False)
+    got, want = _vs_event_time_order(h, clicks)
+    col = F.FEATURE_NAMES.index("ip_clicks_1h")
+    differ = sum(got[k][col] != want[k][col] for k in want)
+    assert differ > len(want) // 10

@@ -20,6 +20,7 @@ from stream import features as F
 from stream.app import USERS_TABLE, read_feature_log
 from tests.stream import kafka_helpers as K
 from tests.stream.helpers import click, traffic
+from tests.stream.test_event_time import event_time_order, lagging
 
 pytestmark = pytest.mark.integration
 
@@ -52,9 +53,11 @@ def _setup(kenv: Any) -> tuple[list[Click], dict[str, bytes]]:
     return clicks, profiles
 
 
-def _global_order(clicks: list[Click], by_ip: dict[int, list[Any]]) -> list[Click]:
-    """An arrival order consistent with what both stages saw: each user's clicks in produced order (they
-    were keyed by user key), each IP's clicks in by-ip log order (first delivery of each click)."""
+def _global_order(clicks: list[Click], feature_log: dict[int, list[Any]]) -> list[Click]:
+    """An order consistent with what both stages saw: each user's clicks in produced order (they were keyed by
+    user key), each IP's clicks in the order the IP stage counted them, which is its feature log's order per
+    partition (first record of each click; the IP stage releases clicks in event-time order, a late click when
+    it comes)."""
     by_id = {c.click_id: c for c in clicks}
     user_prev: dict[str, str | None] = {}
     last: dict[str, str] = {}
@@ -62,12 +65,12 @@ def _global_order(clicks: list[Click], by_ip: dict[int, list[Any]]) -> list[Clic
         user_prev[c.click_id] = last.get(c.user_key)
         last[c.user_key] = c.click_id
     chains = []
-    for msgs in by_ip.values():
+    for msgs in feature_log.values():
         seen: set[str] = set()
         chain = []
-        for m in msgs:  # each by-ip record: the clicks of one user-stage flush bound for this partition
-            for rec in orjson.loads(m.value):
-                cid = rec["c"]["click_id"]
+        for m in msgs:  # each record: clicks the IP stage scored together, in the order it counted them
+            for rec in read_feature_log(m.value):
+                cid = rec["click_id"]
                 if cid not in seen:
                     seen.add(cid)
                     chain.append(cid)
@@ -104,8 +107,8 @@ def _wait_decided(kenv: Any, n: int, timeout_s: float, procs: list[Any] = ()) ->
 
 
 def _check_features(kenv: Any, clicks: list[Click], profiles: dict[str, bytes], rec: dict[str, list[Any]]) -> None:
-    by_ip = asyncio.run(K.read_partitions(kenv.settings, f"{kenv.prefix}.by-ip"))
-    order = _global_order(clicks, by_ip)
+    log = asyncio.run(K.read_partitions(kenv.settings, kenv.topics.feature_log))
+    order = _global_order(clicks, log)
     X = F.featurize(order, profiles)
     want = {c.click_id: X[i] for i, c in enumerate(order)}
     got: dict[str, np.ndarray] = {}
@@ -138,6 +141,36 @@ def test_every_click_decided_once_and_features_match_offline(kenv: Any) -> None:
     assert 0 < sum(not d.valid for d in decisions) < N_CLICKS  # the toy model flags the hot bots only
     print(f"{N_CLICKS} clicks decided in {took:.1f} s")
     _check_features(kenv, clicks, profiles, rec)
+
+
+def test_a_partition_lagging_half_an_hour_changes_no_features(kenv: Any) -> None:
+    """Issue 16, item 2, through the real worker: clicks partition 0 carries event times 30 min behind the others
+    all along; every click's features equal ``featurize`` in global event-time order, bit for bit (the IP stage
+    holds clicks until the watermark passes them)."""
+    s = kenv.settings
+    toymodel.build_registry(s.registry_path, version="toy-it", threshold=0.7)
+    clicks = lagging(traffic(4000, seed=12, users=150, ips=15, rate_ms=1000, late_frac=0.0), s.partitions,
+                     30 * 60_000)
+    profiles = _profiles(clicks)
+    cache.load(s, profiles)
+    w = K.start_worker(s, kenv.workdir / "w0", kenv.workdir / "w0.log")
+    try:
+        asyncio.run(K.produce(s, kenv.topics.clicks, clicks))
+        rec = asyncio.run(K.read_until(s, [kenv.topics.decisions, kenv.topics.feature_log],
+                                       lambda r: len({m.key for m in r[kenv.topics.decisions]}) >= len(clicks),
+                                       240, lambda: None if w.poll() is None else pytest.fail("worker died")))
+    finally:
+        K.stop(w)
+    order = event_time_order(clicks, s.partitions)
+    X = F.featurize(order, profiles)
+    want = {c.click_id: X[i] for i, c in enumerate(order)}
+    got: dict[str, np.ndarray] = {}
+    for m in rec[kenv.topics.feature_log]:
+        for r in read_feature_log(m.value):
+            got.setdefault(r["click_id"], np.asarray(r["features"], dtype=np.float32))
+    assert set(got) == set(want)
+    bad = [k for k in want if not np.array_equal(got[k], want[k])]
+    assert not bad, f"{len(bad)} of {len(want)} clicks differ, e.g. {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
 
 
 def _table_snapshot(kenv: Any) -> dict[bytes, Any]:
