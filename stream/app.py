@@ -165,8 +165,8 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         def do_not_count(self, message: Any) -> None:
             faust_fixes.do_not_count(app.consumer, message)
 
-        async def seek(self, topic_name: str, partition: int, offset: int) -> None:
-            await faust_fixes.rewind(app.consumer, TP(topic_name, partition), offset)
+        async def seek(self, topic_name: str, partition: int, offset: int) -> bool:
+            return await faust_fixes.rewind(app.consumer, TP(topic_name, partition), offset)
 
         def committed(self, topic_name: str, partition: int) -> int | None:
             return faust_fixes.committed_offset(app.consumer, topic_name, partition)
@@ -195,9 +195,11 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
             await ips.run(events)
 
     @app.timer(0.2)
-    async def release_held_clicks() -> None:
-        # Held clicks (the IP stage's watermark) leave when their inputs pass them or go idle, also while no
-        # new records come; ``run`` takes turns with the agent's batches and never raises.
+    async def stage_ticks() -> None:
+        # Batches without new events: held clicks (the IP stage's watermark) leave when their inputs pass them
+        # or go idle, and a partition awaited since a jump is sought again, also while no records come. ``run``
+        # takes turns with the agents' batches and never raises.
+        await users.tick()
         await ips.tick()
 
     swap = ModelSwap(s, ips) if follow_registry else None

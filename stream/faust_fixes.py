@@ -153,7 +153,7 @@ async def rewind(consumer: Any, tp: Any, offset: int) -> bool:
     try:
         await consumer.seek_wait({tp: offset})
     except Exception as e:  # aiokafka's IllegalStateError: revoked meanwhile (a rebalance seeks it anyway)
-        log.info("no rewind of %s to %d: %r", tp, offset, e)
+        log.warning("no rewind of %s to %d: %r", tp, offset, e)
         return False
     return True
 

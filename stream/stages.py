@@ -133,8 +133,9 @@ class ConsumerOps:
     def do_not_count(self, message: Any) -> None:
         """The message will be acked without having been handled: its ack must not let a commit pass it."""
 
-    async def seek(self, topic: str, partition: int, offset: int) -> None:
-        """Fetch the partition again from ``offset``."""
+    async def seek(self, topic: str, partition: int, offset: int) -> bool | None:
+        """Fetch the partition again from ``offset`` (False: it is not assigned to this consumer)."""
+        return None
 
     def committed(self, topic: str, partition: int) -> int | None:
         """The group's committed offset of the partition as the consumer knows it (None: unknown)."""
@@ -218,8 +219,17 @@ class Stage:
         """Whether a batch without new events has work (the IP stage: held clicks to release)."""
         return False
 
+    async def tick(self) -> None:
+        """A batch without new events (the worker's timer): seeks that are due again, held clicks that may go."""
+        await self.run([])
+
     async def _run(self, events: list[Any]) -> None:
         events, rewind = self.in_order(events)
+        # new jumps, and partitions still awaited since an earlier one (sought again every few seconds, also
+        # when no event of theirs comes: the fetch from the sought offset may never have started)
+        for key in list(self.rewinding):
+            if key not in rewind:
+                rewind.append(key)
         now = time.monotonic()
         for topic, p, off in rewind:
             key = (topic, p, off)
@@ -231,9 +241,13 @@ class Stage:
                     log.warning("%s: %s[%d] jumped past offset %d (messages dropped around a rebalance): fetching "
                                 "it again (waiting for it for %.0f s)", self.name, topic, p, off, now - first)
                 try:
-                    await self.consumer.seek(topic, p, off)
-                except Exception as e:  # never escape (the next batch past the jump seeks again)
+                    ours = await self.consumer.seek(topic, p, off)
+                except Exception as e:  # never escape (sought again in a few seconds)
                     log.warning("%s: seeking %s[%d] to %d failed: %r", self.name, topic, p, off, e)
+                    continue
+                if ours is False:  # not assigned to us any more: its new owner reads it from the committed offset
+                    log.warning("%s: %s[%d] was revoked while awaited at offset %d", self.name, topic, p, off)
+                    del self.rewinding[key]
         try:
             self.intake(events)
         except Exception as e:  # (intake dead-letters what it cannot read; this is a bug: stop, never escape)
@@ -550,8 +564,10 @@ class IpStage(Stage):
                 self.held.setdefault(q, {}).setdefault(tag, deque()).append(_Held(c, rec, tag, off, msg, now))
                 self.n_held[q] = self.n_held.get(q, 0) + 1
                 n += 1
-            if n:
-                self.waiting[(msg.topic, q, msg.offset)] = [msg, n]
+            if n:  # (a message fetched again while its first copy is still held: both copies' clicks count)
+                w = self.waiting.setdefault((msg.topic, q, msg.offset), [msg, 0])
+                w[0] = msg
+                w[1] += n
 
     def _beat(self, q: int, clocks: Any, now: float) -> None:
         inputs = self.inputs.setdefault(q, {})
@@ -616,10 +632,6 @@ class IpStage(Stage):
                 if dq and (dq[0].c.ts <= w or now - dq[0].at > self.s.watermark_max_hold_s):
                     return True
         return False
-
-    async def tick(self) -> None:
-        """Release what the watermark or a timeout lets go while no records come (the worker's timer)."""
-        await self.run([])
 
     # --- the batch step: release, count, score ----------------------------------------------------------
     async def step(self, events: list[Any]) -> None:

@@ -90,7 +90,8 @@ def kenv(services: Settings, request: pytest.FixtureRequest, tmp_path: Path) -> 
     )
     create_topics(s)
     yield KEnv(settings=s, topics=Topics(prefix), prefix=prefix, group=s.worker_id, workdir=tmp_path)
-    _cleanup(s, prefix)
+    if os.environ.get("SLIDR_TEST_KEEP_TOPICS") != "1":  # (set it to look at a failed test's topics afterwards)
+        _cleanup(s, prefix)
 
 
 def _cleanup(s: Settings, prefix: str) -> None:

@@ -144,6 +144,34 @@ def test_a_jump_past_unhandled_offsets_is_not_handled_and_fetched_again(tmp_path
     assert st.next_offset[("t.clicks", 0)] == 7 and ops.seeks[-1] == ("t.clicks", 0, 7) and ops.not_counted[-1] == 8
 
 
+def test_an_awaited_partition_is_sought_again_without_events_and_forgotten_once_revoked(tmp_path: Path) -> None:
+    """The fetch from a sought offset may never start (the seek did not take): the stage's timer seeks again
+    every few seconds although no event of that partition comes (a five-SIGKILL run waited for good once the
+    producer had stopped); a partition revoked meanwhile is left to its new owner."""
+    st = _Flaky(0, tmp_path)
+    ops = st.consumer = _Ops()
+    asyncio.run(st.run(_events(5)))
+    asyncio.run(st.run(_events(3, start=40)))  # 5..39 never came
+    assert ops.seeks == [("t.clicks", 0, 5)]
+    asyncio.run(st.tick())  # too soon: one seek every REWIND_EVERY_S
+    assert ops.seeks == [("t.clicks", 0, 5)]
+    key = ("t.clicks", 0, 5)
+    first, last = st.rewinding[key]
+    st.rewinding[key] = (first, last - stages.REWIND_EVERY_S)
+    asyncio.run(st.tick())  # no events at all: sought again
+    assert ops.seeks == [("t.clicks", 0, 5)] * 2 and len(st.attempts) == 1  # (and no batch without events)
+
+    class Revoked(_Ops):
+        async def seek(self, topic: str, partition: int, offset: int) -> bool:
+            await super().seek(topic, partition, offset)
+            return False
+
+    st.consumer = Revoked()
+    st.rewinding[key] = (first, last - 2 * stages.REWIND_EVERY_S)
+    asyncio.run(st.tick())
+    assert not st.rewinding  # not ours any more: nothing awaited
+
+
 def test_profile_cache_answers_none_when_redis_is_unreachable_and_backs_off() -> None:
     s = Settings(redis_url="redis://127.0.0.1:1/0", redis_timeout_s=0.5)  # nothing listens on port 1
 
