@@ -255,10 +255,6 @@ def test_fuzzed_clicks_topic_dead_letters_every_bad_message(kenv: Any) -> None:
 
 
 # --- crashes -----------------------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=False, reason=(
-    "around the rebalances after each restart Faust can drop fetched messages; three such paths were found and "
-    "guarded this session (stale-generation acks, a fetch going on past dropped messages, a rewind the drain loop "
-    "undid), and the last runs pass, but the test has not yet run often enough to gate CI on it (issue 12)"))
 def test_five_sigkills_under_load(kenv: Any) -> None:
     clicks = _setup(kenv, 12_000, seed=22)
     log = kenv.workdir / "w.log"

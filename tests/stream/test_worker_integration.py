@@ -195,9 +195,6 @@ def _offline_users(clicks: list[Click]) -> dict[bytes, Any]:
     return {k.encode(): _strip(orjson.loads(orjson.dumps(v))) for k, v in users.items()}
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "failed once in the last fresh-clone run: the rebalance loss/stall after a SIGKILL that the five-SIGKILL "
-    "fault test also shows is not fully fixed (issue 12)"))
 def test_sigkill_halfway_then_restart_decides_everything(kenv: Any) -> None:
     clicks, _ = _setup(kenv)
     log = kenv.workdir / "w.log"
