@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -263,8 +264,11 @@ def up(s: Settings) -> None:
         raise ServiceError(f"redis at {s.redis_url_redacted} does not answer PING")
 
 
-def down(s: Settings) -> None:
+def down(s: Settings, only: Iterable[str] | None = None) -> None:
+    """Stop the services this instance started (``only``: just these of them)."""
     for svc in reversed(SERVICES):
+        if only is not None and svc not in only:
+            continue
         st = service_state(svc, s)
         if st.running and not st.ours:
             _say(svc, f"not started by this instance (pid {st.pid or '?'}): left running")

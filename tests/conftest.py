@@ -52,13 +52,16 @@ def services() -> Iterator[Settings]:
     from slidr import services as svc
 
     s = Settings()
-    started = False
+    started: list[str] = []
     if not _answering(s):
+        # only what was not running at all is this session's to stop: a broker that was merely slow to answer
+        # (a loaded machine) may be another session's, and stopping it broke that session's tests
+        was_running = {name: svc.service_state(name, s).running for name in svc.SERVICES}
         svc.up(s)
-        started = True
+        started = [name for name, running in was_running.items() if not running]
     yield s
     if started:
-        svc.down(s)
+        svc.down(s, only=started)
 
 
 @dataclass
