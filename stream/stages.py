@@ -472,7 +472,11 @@ class ProfileCache:
                 t = self.s.redis_timeout_s
                 self.redis = aioredis.from_url(self.s.redis_url, socket_timeout=t, socket_connect_timeout=t,
                                                **self.s.redis_kwargs())
-            vals: list[Any] = await asyncio.wait_for(self.redis.mget(keys), self.s.redis_timeout_s)
+            if keys:
+                vals: list[Any] = await asyncio.wait_for(self.redis.mget(keys), self.s.redis_timeout_s)
+            else:
+                await asyncio.wait_for(self.redis.ping(), self.s.redis_timeout_s)
+                vals = []
         except Exception as e:  # redis errors, OSError, timeouts: all mean "no profiles now"
             self.failures += 1
             self.retry_at = now + self.backoff
@@ -482,12 +486,24 @@ class ProfileCache:
                 log.warning("profile cache unreachable (%r): scoring in degraded mode (profile features missing, "
                             "decisions flagged degraded) and retrying with backoff", e)
             return None
+        self._back(now)
+        return vals
+
+    def _back(self, now: float) -> None:
         if self.down_since is not None:
             log.warning("profile cache back after %.1f s (%d failed attempts): degraded mode over",
                         now - self.down_since, self.failures)
             self.down_since = None
             self.backoff = 0.5
-        return vals
+
+    async def probe(self) -> None:
+        """While Redis is down, try it once its backoff is over, also when no batch comes (the stage's timer):
+        the worker notices, logs and reports (``slidr_profile_cache_up``) that it is back without traffic."""
+        now = time.monotonic()
+        if self.down_since is None or now < self.retry_at:
+            return
+        if await self.mget([]) is not None:  # (an MGET of no keys: a round trip, and the same failure path)
+            M.REDIS_UP.set(1)
 
 
 class IpStage(Stage):
@@ -619,6 +635,11 @@ class IpStage(Stage):
         for q, h in reversed(released):
             self.held[q][h.tag].appendleft(h)
             self.n_held[q] += 1
+
+    async def tick(self) -> None:
+        async with self.lock:
+            await self.cache.probe()
+        await super().tick()
 
     def due(self) -> bool:
         now = self.now()

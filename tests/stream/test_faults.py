@@ -350,6 +350,8 @@ def test_redis_down_30s_under_load_decides_in_degraded_mode(kenv: Any, services:
             svc.run_script("redis", "up", base)
             up_at = time.time()
         wait_for(all_decided(kenv, {c.click_id for c in clicks}, 0), 300, "every click decided", [w])
+        # the worker notices Redis is back by itself (its timer tries it), also when no clicks come any more
+        wait_for(lambda: "profile cache back" in log.read_text(), 60, "the worker noticing Redis back", [w])
         assert w.poll() is None
     finally:
         K.stop(w)
