@@ -3,6 +3,8 @@
 #   build.sh [all]     the base (when missing) and the worker image
 #   build.sh base      only the local Debian base
 #   build.sh worker    only the worker image (needs the base)
+#   build.sh services  the compose stack's Kafka, Redis and Prometheus images (services.Dockerfile; needs the base
+#                      and the Kafka jars that deploy/local/kafka.sh fetch puts in .cache/)
 # No image registry is reachable here, so the base is made from Debian's packages: debootstrap (minbase,
 # bookworm, from the mirror the machine's apt sources name) with python3 and the CA certificates, cached as a
 # tarball in .cache/docker-base/ and imported as $SLIDR_BASE_IMAGE. Elsewhere, leave BASE at the Dockerfile's
@@ -65,10 +67,26 @@ worker() {
   say "$WORKER_IMAGE: $("$DOCKER" image inspect -f '{{.Size}}' "$WORKER_IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 }
 
+services() {
+  local ctx="$ROOT/.cache/docker-ctx/services" version="${SLIDR_KAFKA_VERSION:-4.1.1}"
+  bash deploy/local/kafka.sh fetch
+  rm -rf "$ctx" && mkdir -p "$ctx"
+  cp -al "$ROOT/.cache/kafka-$version/libs" "$ctx/libs" 2>/dev/null || cp -a "$ROOT/.cache/kafka-$version/libs" "$ctx/libs"
+  cp deploy/local/kafka.sh deploy/docker/kafka-entrypoint.sh "$ctx/"
+  local target
+  for target in kafka redis prometheus; do
+    say "building slidr-$target:dev on $BASE_IMAGE"
+    DOCKER_BUILDKIT=1 "$DOCKER" build --network host --build-arg "BASE=$BASE_IMAGE" --target "$target" \
+      -f deploy/docker/services.Dockerfile -t "slidr-$target:dev" "$ctx" >&2
+  done
+  "$DOCKER" image prune -f >/dev/null
+}
+
 mkdir -p "$CACHE"
 case "${1:-all}" in
   all) base; worker ;;
   base) base ;;
   worker) worker ;;
-  *) echo "usage: $0 [all|base|worker]" >&2; exit 2 ;;
+  services) base; services ;;
+  *) echo "usage: $0 [all|base|worker|services]" >&2; exit 2 ;;
 esac
