@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The local container engine: Debian's docker.io, its daemon started and stopped by pid (no systemd here).
-#   engine.sh install   install docker.io (and docker-compose, debootstrap) from Debian's packages if missing
+#   engine.sh install   install docker.io, docker-compose, debootstrap and prometheus (its promtool; the
+#                       service is not started) from Debian's packages if missing
 #   engine.sh start     start dockerd (host networking only) unless ours already answers; prints nothing else
 #   engine.sh stop      stop the dockerd this checkout started (by its pid file)
 #   engine.sh status    exit 0 when ours answers
@@ -25,12 +26,18 @@ install() {
   [[ -x /usr/sbin/dockerd && -x "$DOCKER" ]] || missing+=(docker.io)
   [[ -x /usr/bin/docker-compose ]] || missing+=(docker-compose)
   [[ -x /usr/sbin/debootstrap ]] || missing+=(debootstrap)
+  [[ -x /usr/bin/promtool ]] || missing+=(prometheus)
   if ((${#missing[@]})); then
     say "installing ${missing[*]} from Debian's packages"
     if [[ -z "$(find /var/lib/apt/lists -maxdepth 1 -name '*Packages*' -mmin -1440 2>/dev/null | head -1)" ]]; then
       apt-get update -q >&2
     fi
+    # policy-rc.d: no package may start its service here (prometheus would, on a machine with an init)
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d.slidr && chmod +x /usr/sbin/policy-rc.d.slidr
+    [[ -e /usr/sbin/policy-rc.d ]] || ln -s /usr/sbin/policy-rc.d.slidr /usr/sbin/policy-rc.d
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+    [[ "$(readlink /usr/sbin/policy-rc.d 2>/dev/null)" == /usr/sbin/policy-rc.d.slidr ]] && rm -f /usr/sbin/policy-rc.d
+    rm -f /usr/sbin/policy-rc.d.slidr
   fi
 }
 
