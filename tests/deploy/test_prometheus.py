@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from stream import billing, toymodel
-from tests.deploy.engine import free_port, script, unavailable
+from tests.deploy.engine import ROOT, free_port, script, unavailable
 from tests.stream import kafka_helpers as K
 from tests.stream.helpers import traffic
 
@@ -112,6 +112,11 @@ def test_prometheus_scrapes_worker_and_monitor_and_counts_what_billing_counts(ke
         assert {k: got.get(k, 0.0) for k in by_kind} == {k: float(v) for k, v in by_kind.items()}, (got, by_kind)
         monitored = _instant(base, 'sum(slidr_monitor_decisions_total{job="slidr-monitor"})')
         assert monitored and float(monitored[0]["value"][1]) > 0, monitored
+        # every query of the Grafana dashboard is valid PromQL, evaluated on this live data
+        panels = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "slidr.json").read_text())["panels"]
+        for expr in (t["expr"] for panel in panels for t in panel["targets"]):
+            _instant(base, expr)
+        assert _instant(base, 'sum(rate(slidr_clicks_total{stage="ip"}[1m]))')  # the throughput panel has data
     finally:
         for proc in reversed(procs):
             K.stop(proc)
