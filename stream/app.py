@@ -200,8 +200,10 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         metrics.TABLE_KEYS.labels(USERS_TABLE).set(sum(users.writer.count.values()))
         metrics.TABLE_KEYS.labels(IPS_TABLE).set(sum(ips.writer.count.values()))
 
-    health = Health((users, ips), lambda: sum(faust_fixes.consumer_lag(app.consumer).values()),
-                    lambda: bool(app.consumer.assignment()), lambda: producer().client)
+    inputs = {t.clicks, by_user_name, by_ip_name}  # (not the changelogs: recovered, then only written)
+    health = Health((users, ips), lambda: sum(n for tp, n in faust_fixes.consumer_lag(app.consumer).items()
+                                              if tp.topic in inputs),
+                    lambda: bool(app.consumer.assignment()), lambda: producer().client, s.health_stuck_after_s)
 
     @app.timer(CHECK_EVERY_S)
     async def check_health() -> None:  # the verdict `slidr health` reads from /metrics (stream/health.py)

@@ -5,8 +5,10 @@ plus ``slidr_worker_healthy`` and the time of the verdict:
 - ``broker``: a metadata request through the worker's own producer client answers within ``BROKER_TIMEOUT_S``;
 - ``assigned``: the consumer group gave this worker partitions (a worker beyond the partition count has none);
 - ``model``: the IP stage holds a loaded, verified model;
-- ``progress``: not stuck: while the worker's partitions have lag, its stages completed a batch within
-  ``STUCK_AFTER_S`` (an idle worker with no lag is not stuck).
+- ``progress``: not stuck: while the stages' input partitions (clicks, by-user, by-ip; not the table changelogs,
+  which hold the worker's own writes and are read only during recovery) have lag, a stage completed a batch
+  within ``health_stuck_after_s`` (settings; an idle worker with no lag is not stuck).
+The first verdict comes once the tables have recovered (Faust starts its timers then).
 The probe (``probe``) reads the endpoint and passes only when the verdict is healthy and fresh: a verdict older than
 ``STALE_AFTER_S`` means the event loop no longer runs the timer (blocked or dead), which is unhealthy too.
 """
@@ -23,7 +25,6 @@ from stream import metrics
 
 CHECK_EVERY_S = 5.0
 BROKER_TIMEOUT_S = 5.0
-STUCK_AFTER_S = 60.0
 STALE_AFTER_S = 30.0
 CHECKS = ("broker", "assigned", "model", "progress")
 
@@ -32,7 +33,7 @@ class Health:
     """The worker-side checks; ``stages`` expose ``batches`` (completed batches), the IP stage ``model``."""
 
     def __init__(self, stages: Sequence[Any], lag: Callable[[], int], assigned: Callable[[], bool],
-                 client: Callable[[], Any], stuck_after_s: float = STUCK_AFTER_S) -> None:
+                 client: Callable[[], Any], stuck_after_s: float = 60.0) -> None:
         self.stages = stages
         self.lag = lag
         self.assigned = assigned

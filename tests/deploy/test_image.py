@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import tempfile
+import time
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,7 @@ from schemas.events import decode_decision
 from slidr.settings import Settings
 from slidr.topics import Topics
 from stream import toymodel
+from stream.health import read_verdict
 from tests.deploy.engine import WORKER_IMAGE, Engine, free_port
 from tests.stream import kafka_helpers as K
 from tests.stream.helpers import traffic
@@ -23,6 +26,7 @@ from tests.stream.helpers import traffic
 pytestmark = pytest.mark.integration
 
 N_CLICKS = 3000
+STUCK_S = 10
 
 
 def _registry() -> Path:
@@ -31,6 +35,14 @@ def _registry() -> Path:
     reg.chmod(0o755)
     toymodel.build_registry(reg, version="toy-image")
     return reg
+
+
+def _metrics(port: int) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return str(r.read().decode())
+    except OSError:
+        return ""
 
 
 def test_worker_container_decides_every_click_and_reports_its_health(engine: Engine, own_broker: Settings) -> None:
@@ -46,10 +58,12 @@ def test_worker_container_decides_every_click_and_reports_its_health(engine: Eng
     name = f"slidr-it-{uuid.uuid4().hex[:8]}"
     env = {"SLIDR_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "SLIDR_REDIS_URL": s.redis_url, "SLIDR_TOPIC_PREFIX": prefix,
            "SLIDR_WORKER_ID": s.worker_id, "SLIDR_PARTITIONS": str(s.partitions), "SLIDR_REDIS_KEY_PREFIX": prefix,
-           "SLIDR_METRICS_PORT": str(port), "SLIDR_METRICS_BIND": "127.0.0.1"}  # host network: loopback only
+           "SLIDR_METRICS_PORT": str(port), "SLIDR_METRICS_BIND": "127.0.0.1",  # host network: loopback only
+           "SLIDR_HEALTH_STUCK_AFTER_S": str(STUCK_S)}
     args = [a for k, v in env.items() for a in ("-e", f"{k}={v}")]
-    engine.docker("run", "-d", "--name", name, "--network", "host", "-v", f"{reg}:/registry:ro", *args,
-                  WORKER_IMAGE, "worker", "--loglevel", "warning")
+    # as deploy/k8s runs it: a read-only root file system, the state folder on a volume of its own
+    engine.docker("run", "-d", "--name", name, "--network", "host", "--read-only", "-v", "/var/lib/slidr",
+                  "-v", f"{reg}:/registry:ro", *args, WORKER_IMAGE, "worker", "--loglevel", "warning")
     try:
         assert engine.docker("inspect", "-f", "{{.Config.User}}", name).stdout.strip() == "10001"  # not root
         log = engine.wait_health(name, "healthy", timeout_s=240)
@@ -64,6 +78,17 @@ def test_worker_container_decides_every_click_and_reports_its_health(engine: Eng
 
         got = asyncio.run(K.read_until(s, [t.decisions], lambda r: decided(r) >= want, timeout_s=240))
         assert decided(got) == want, (len(want - decided(got)), engine.docker("logs", name, check=False).stderr[-3000:])
+        # idle now, with lag left on the table changelogs (written, never read after recovery): still healthy,
+        # by a verdict made more than STUCK_S after the last decision
+        done = time.time()
+        t_end = time.monotonic() + 120
+        verdict: tuple[float | None, float | None, dict[str, float]] = (None, None, {})
+        while time.monotonic() < t_end:
+            verdict = read_verdict(_metrics(port))
+            if verdict[1] is not None and verdict[1] > done + STUCK_S + 1:
+                break
+            time.sleep(1)
+        assert verdict[0] == 1.0 and verdict[1] is not None and verdict[1] > done + STUCK_S + 1, verdict
         assert engine.health(name)[0] == "healthy"
 
         from slidr import services as svc
@@ -72,5 +97,5 @@ def test_worker_container_decides_every_click_and_reports_its_health(engine: Eng
         log = engine.wait_health(name, "unhealthy", timeout_s=180)
         assert "broker" in log[-1]["Output"], log[-1:]
     finally:
-        engine.docker("rm", "-f", name, check=False)
+        engine.docker("rm", "-f", "-v", name, check=False)
         shutil.rmtree(reg, ignore_errors=True)
