@@ -64,6 +64,7 @@ worker() {
   DOCKER_BUILDKIT=1 "$DOCKER" build --network host "${secret[@]}" --build-arg "BASE=$BASE_IMAGE" \
     -f deploy/docker/Dockerfile -t "$WORKER_IMAGE" . >&2
   "$DOCKER" image prune -f >/dev/null  # the dangling layers a rebuild leaves behind
+  "$DOCKER" builder prune -f --keep-storage "${SLIDR_BUILD_CACHE:-2GB}" >/dev/null  # BuildKit's cache, bounded
   say "$WORKER_IMAGE: $("$DOCKER" image inspect -f '{{.Size}}' "$WORKER_IMAGE" | awk '{printf "%.0f MB", $1/1e6}')"
 }
 
