@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -160,7 +160,8 @@ def _history_line(e: dict[str, Any]) -> str:
 
 def register_models(app: typer.Typer) -> None:
     """``slidr models ...``: the registry (models/registry.py)."""
-    models_app = typer.Typer(help="Model registry: list, show, promote, rollback, verify.", no_args_is_help=True)
+    models_app = typer.Typer(help="Model registry: list, show, publish, promote, rollback, verify.",
+                             no_args_is_help=True)
     app.add_typer(models_app, name="models")
 
     @models_app.command("list")
@@ -208,6 +209,26 @@ def register_models(app: typer.Typer) -> None:
             typer.echo(f"  sha256 {name}: {digest}")
         for entry in d["history"]:
             typer.echo(_history_line(entry))
+
+    @models_app.command("publish")
+    def publish_cmd(folder: Annotated[Path, typer.Argument(help="A model folder (slidr calibrate's output).")],
+                    activate: bool = typer.Option(True, help="Point ACTIVE at it."),
+                    stable: bool = typer.Option(False, "--stable", help="Point STABLE at it too (it is marked "
+                                                "stable anyway when the registry has no stable model yet)."),
+                    as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+        """Register a model folder under its manifest's version (files verified against their sha256) and, by
+        default, make it active: what a deployment's one-shot setup job runs (deploy/compose, deploy/k8s)."""
+        from models import registry
+
+        before = registry.active_version()
+        try:
+            v = registry.publish(folder, activate=activate, stable=stable)
+        except registry.RegistryError as e:
+            _fail(e)
+        if as_json:
+            _echo_json({"ok": True, "version": v, "active": registry.active_version(), "from": before})
+        else:
+            typer.echo(f"published {v}; active: {before or '-'} -> {registry.active_version() or '-'}")
 
     @models_app.command("promote")
     def promote_cmd(version: str = typer.Argument(..., help="A registered version."),

@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     metrics_port: int = Field(0, ge=0, description=(
         "Port of the Prometheus /metrics endpoint of `slidr worker` (0: off); `slidr monitor` uses the next one."))
     metrics_bind: str = Field("127.0.0.1", description="Address the metrics endpoints bind.")
+    health_stuck_after_s: float = Field(60.0, gt=0, description=(
+        "`slidr health`: a worker whose input partitions have lag and whose stages completed no batch for this "
+        "long is stuck (unhealthy: a Kubernetes liveness probe restarts it)."))
     model_poll_s: float = Field(1.0, gt=0, description=(
         "How often a running worker checks the registry's ACTIVE model; a new one is loaded, verified and used "
         "from the next scoring batch on (hot swap)."))

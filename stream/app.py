@@ -52,6 +52,7 @@ from faust.types import TP
 from slidr.settings import Settings
 from slidr.topics import Topics, TopicSpec, changelog_topic, topic_specs
 from stream import faust_fixes, metrics
+from stream.health import CHECK_EVERY_S, Health
 from stream.scoring import Model, active_model_dir, load_model
 from stream.stages import (  # noqa: F401  (re-exported: tests and tools read records with these)
     FORWARDED,
@@ -215,6 +216,15 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
         metrics.TABLE_KEYS.labels(USERS_TABLE).set(sum(users.writer.count.values()))
         metrics.TABLE_KEYS.labels(IPS_TABLE).set(sum(ips.writer.count.values()))
+
+    inputs = {t.clicks, by_user_name, by_ip_name}  # (not the changelogs: recovered, then only written)
+    health = Health((users, ips), lambda: sum(n for tp, n in faust_fixes.consumer_lag(app.consumer).items()
+                                              if tp.topic in inputs),
+                    lambda: bool(app.consumer.assignment()), lambda: producer().client, s.health_stuck_after_s)
+
+    @app.timer(CHECK_EVERY_S)
+    async def check_health() -> None:  # the verdict `slidr health` reads from /metrics (stream/health.py)
+        await health.check()
 
     @app.timer(30.0)
     async def report() -> None:

@@ -1,4 +1,4 @@
-"""Subcommands of this area (see slidr/cli.py): worker, monitor, cache load, billing tail|summary."""
+"""Subcommands of this area (see slidr/cli.py): worker, health, monitor, cache load, billing tail|summary."""
 
 from __future__ import annotations
 
@@ -22,6 +22,26 @@ def register(app: typer.Typer) -> None:
         from stream.app import run_worker
 
         run_worker(get_settings(), model_dir=model, data_dir=data_dir, loglevel=loglevel)
+
+    @app.command("health")
+    def health(
+        url: Annotated[str | None, typer.Option(help="The worker's /metrics (default: 127.0.0.1:SLIDR_METRICS_PORT).")]
+        = None,
+    ) -> None:
+        """Exit 0 when the worker's own health verdict is healthy and fresh, 1 otherwise (the images' HEALTHCHECK;
+        the checks: stream/health.py)."""
+        from slidr.settings import get_settings
+        from stream.health import probe
+
+        if url is None:
+            port = get_settings().metrics_port
+            if not port:
+                typer.echo("SLIDR_METRICS_PORT is 0: the worker serves no verdict", err=True)
+                raise typer.Exit(1)
+            url = f"http://127.0.0.1:{port}/metrics"
+        ok, why = probe(url)
+        typer.echo(why)
+        raise typer.Exit(0 if ok else 1)
 
     @app.command("monitor")
     def monitor() -> None:

@@ -52,3 +52,9 @@ def start(port: int, bind: str = "127.0.0.1") -> None:
 def set_active(version: str) -> None:
     ACTIVE_MODEL.clear()
     ACTIVE_MODEL.labels(version).set(1)
+
+# the worker's health verdict (stream/health.py), read by `slidr health` (the images' HEALTHCHECK)
+HEALTH_CHECK = Gauge("slidr_worker_health_check", "1 when this health check passes (broker, assigned, model, progress)",
+                     ["check"])
+HEALTHY = Gauge("slidr_worker_healthy", "1 when every health check passes")
+HEALTH_TIME = Gauge("slidr_worker_health_timestamp_seconds", "Unix time of the last health verdict")
