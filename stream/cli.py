@@ -93,6 +93,10 @@ def register(app: typer.Typer) -> None:
             except r.ReplayError as e:
                 typer.echo(f"replay refused: {e}", err=True)
                 raise typer.Exit(2) from None
+            except KeyboardInterrupt:
+                typer.echo("replay interrupted: what was published is checkpointed; run the same command again "
+                           "to resume", err=True)
+                raise typer.Exit(130) from None
         if as_json:
             typer.echo(orjson.dumps(res.to_json(), option=orjson.OPT_INDENT_2).decode())
             return

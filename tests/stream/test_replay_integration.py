@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections import Counter
 from typing import Any
 
@@ -12,6 +13,7 @@ import numpy as np
 import orjson
 import pytest
 
+from schemas.events import Click
 from stream import cache, faults, toymodel
 from stream import features as F
 from stream import replay as R
@@ -30,18 +32,18 @@ N = int(os.environ.get("SLIDR_TEST_REPLAY_CLICKS", "6000"))
 class Live:
     """A live run: the faulty model (ACTIVE) decided every click; the registry's STABLE model is the good one."""
 
-    def __init__(self, kenv: Any) -> None:
+    def __init__(self, kenv: Any, clicks: list[Click] | None = None, stamped: bool = False) -> None:
         s = self.s = kenv.settings
         self.kenv = kenv
         self._refs: dict[str, dict[str, bool]] = {}
         toymodel.build_registry(s.registry_path, version="toy-stable", threshold=0.7)
         toymodel.build(s.registry_path / "toy-faulty", version="toy-faulty", threshold=0.3)
         (s.registry_path / "ACTIVE").write_text("toy-faulty\n")
-        self.clicks = traffic(N, seed=23)
+        self.clicks = clicks or traffic(N, seed=23)
         self.profiles = _profiles(self.clicks)
         cache.load(s, self.profiles)
         self.worker = K.start_worker(s, kenv.workdir / "w0", kenv.workdir / "w0.log")
-        asyncio.run(K.produce(s, kenv.topics.clicks, self.clicks))
+        asyncio.run(_produce(s, kenv.topics.clicks, self.clicks, stamped))
         want = {c.click_id for c in self.clicks}
         asyncio.run(K.read_until(s, [kenv.topics.decisions], lambda r: {m.key.decode() for m in
                                  r[kenv.topics.decisions]} >= want, 300, self._alive))
@@ -190,6 +192,50 @@ def test_recompute_equals_the_live_features_and_corrects_the_window(kenv: Any) -
         assert live.untouched_state() == before_state
         left = [t for t in asyncio.run(_topics(s)) if t.startswith(kenv.prefix) and ".replay-" in t]
         assert not left, f"the replay's topics were left behind: {left}"
+    finally:
+        live.stop()
+
+
+async def _produce(s: Any, topic: str, clicks: list[Click], stamped: bool) -> None:
+    """Clicks keyed by user key; ``stamped``: each record's timestamp is its click's event time."""
+    from aiokafka import AIOKafkaProducer
+
+    p = AIOKafkaProducer(linger_ms=5, max_batch_size=256 * 1024, **s.kafka_client_kwargs())
+    await p.start()
+    try:
+        futs = [await p.send(topic, key=c.user_key.encode(), value=c.to_json(),
+                             timestamp_ms=c.ts if stamped else None) for c in clicks]
+        await asyncio.gather(*futs)
+    finally:
+        await p.stop()
+
+
+def test_recompute_warm_up_starts_a_day_before_the_range_by_time(kenv: Any) -> None:
+    """Two bursts of traffic 30 h apart in event time (records stamped with it): a replay of the second burst by
+    time reads from the second burst only (the first is older than the warm-up), and its features near the
+    range's start still equal the live ones (their counters hold the second burst's earlier clicks)."""
+    now = int(time.time() * 1000)
+    a = traffic(N // 2, seed=29)
+    b = traffic(N // 2, seed=31)
+    shift = now - 40 * F.HOUR_MS - a[0].ts
+    clicks = [c.model_copy(update={"ts": c.ts + shift}) for c in a]
+    clicks += [c.model_copy(update={"ts": c.ts + shift + 30 * F.HOUR_MS, "click_id": "b" + c.click_id}) for c in b]
+    live = Live(kenv, clicks, stamped=True)
+    try:
+        s = live.s
+        second = [c for c in clicks if c.click_id.startswith("b")]
+        frm = str(second[len(second) // 3].ts)  # the range: from a third into the second burst, to its end
+        res = R.replay(s, frm, str(now), mode="recompute", model="toy-faulty")
+        first_b = {p: min(o for cid, (q, o) in live.position.items() if q == p and cid.startswith("b"))
+                   for p in live.ends}
+        assert res.extra["warmup_start"] == {str(p): o for p, o in first_b.items()}, "the warm-up must skip burst a"
+        assert res.tally.published == 0  # the model that decided it
+        feats = live.live_features()
+        assert res.features and set(res.features) <= {c.click_id for c in second}
+        bad = [c for c in res.features if not np.array_equal(np.asarray(res.features[c], dtype=np.float32),
+                                                              feats[c])]
+        assert not bad, f"{len(bad)} of {len(res.features)} recomputed feature vectors differ, e.g. {bad[:3]}"
+        print(f"range {len(res.features)} clicks, warm-up from {res.extra['warmup_start']} (burst a skipped)")
     finally:
         live.stop()
 
