@@ -657,8 +657,10 @@ async def _produce_records(s: Settings, topic: str, recs: dict[int, list[bytes]]
 
 async def _wait_consumed(s: Settings, group: str, want: dict[tuple[str, int], int], agent: subprocess.Popen[bytes],
                          log_file: Path, phase: str, progress: Progress | None) -> None:
-    """Poll the agent's committed offsets until they reach ``want`` (the agent dying is an error)."""
+    """Poll the agent's committed offsets until they reach ``want`` (the agent dying is an error; no progress
+    for a minute is logged, every minute, with where its log is)."""
     total = sum(want.values())
+    last, since = -1, time.monotonic()
     while True:
         if agent.poll() is not None:
             raise ReplayError(f"the replay agent stopped (exit {agent.returncode}) during {phase}; its log: "
@@ -667,6 +669,13 @@ async def _wait_consumed(s: Settings, group: str, want: dict[tuple[str, int], in
         done = sum(min(got.get(k, 0), o) for k, o in want.items())
         if progress is not None:
             progress(phase, done, total)
+        now = time.monotonic()
+        if done != last:
+            last, since = done, now
+        elif now - since >= 60:
+            log.warning("replay agent: no progress for %.0f s during %s (%d of %d offsets); its log: %s",
+                        now - since, phase, done, total, log_file)
+            since = now
         if all(got.get(k, 0) >= o for k, o in want.items()):
             return
         await asyncio.sleep(0.5)
