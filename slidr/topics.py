@@ -42,6 +42,39 @@ class Topics:
         return f"{self.prefix}.feature-log"
 
 
+@dataclass(frozen=True, slots=True)
+class ReplayTopics(Topics):
+    """A replay's private topics (``<prefix>.replay-<id>.decisions`` ...: ``prefix`` is the private one) reading the
+    live deployment's clicks (``source``: the live prefix). ``stream.replay`` wires the worker's stages to these."""
+
+    source: str = "slidr"
+
+    @property
+    def clicks(self) -> str:  # the live clicks: a replay reads them, never writes them
+        return f"{self.source}.clicks"
+
+    @property
+    def by_user(self) -> str:  # private repartition of foreign producers' clicks
+        return f"{self.prefix}.by-user"
+
+    @property
+    def by_ip_raw(self) -> str:  # the replay's user stage sends its by-ip records here
+        return f"{self.prefix}.by-ip-raw"
+
+    @property
+    def by_ip(self) -> str:  # ... and its IP stage reads them from here, in the live run's order
+        return f"{self.prefix}.by-ip"
+
+
+def replay_topics(settings: Settings, replay_id: str) -> ReplayTopics:
+    return ReplayTopics(f"{settings.topic_prefix}.replay-{replay_id}", settings.topic_prefix)
+
+
+def replay_worker_id(settings: Settings, replay_id: str) -> str:
+    """A replay agent's Faust app id and consumer group (its changelogs follow: ``changelog_topic``)."""
+    return f"{settings.worker_id}-replay-{replay_id}"
+
+
 def topic_specs(settings: Settings, prefix: str | None = None) -> list[TopicSpec]:
     t = Topics(prefix or settings.topic_prefix)
     n = settings.partitions

@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,15 +94,34 @@ async def ensure_topics(s: Settings) -> list[str]:
     return await create_topics_async(s, topic_specs(s) + internal_topics(s))
 
 
+@dataclass(frozen=True)
+class Wiring:
+    """The topics a detector app reads and writes. The live worker's (``live_wiring``) and a replay agent's
+    (``stream.replay``) differ only here: the stages are the same objects. ``topics``: clicks in; decisions,
+    feature log and dead letters out."""
+
+    topics: Topics
+    by_user: str  # foreign producers' clicks, repartitioned by user key (read by the user stage too)
+    by_ip_out: str  # where the user stage sends its by-ip records
+    by_ip_in: str  # what the IP stage reads (the same topic in the live worker)
+
+
+def live_wiring(s: Settings) -> Wiring:
+    t = Topics(s.topic_prefix)
+    return Wiring(t, f"{t.prefix}.by-user", f"{t.prefix}.by-ip", f"{t.prefix}.by-ip")
+
+
 def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | None = None,
-               data_dir: Path | None = None) -> faust.App:
+               data_dir: Path | None = None, wiring: Wiring | None = None) -> faust.App:
     """Build the detector app for these settings (topics, group id, state folder all come from ``s``): declare
-    the topics and tables, build the two stages (``stream/stages.py``) and bind an agent to each."""
+    the topics and tables, build the two stages (``stream/stages.py``) and bind an agent to each. ``wiring``:
+    the topics (default: the live worker's)."""
     follow_registry = model is None and model_dir is None  # hot swap: follow the registry's ACTIVE pointer
     if model is None:
         model = load_model(model_dir or active_model_dir(s.registry_path), s.onnx_providers)
     metrics.set_active(model.version)
-    t = Topics(s.topic_prefix)
+    w = wiring or live_wiring(s)
+    t = w.topics
     datadir = Path(data_dir or s.home / "faust" / s.worker_id)
     datadir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
@@ -136,12 +156,12 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
                          partitions=s.partitions)
 
-    by_user_name = f"{t.prefix}.by-user"
+    by_user_name = w.by_user
     user_in = topic(t.clicks, by_user_name)  # both partitioned by user key (n partitions each)
-    by_ip_name = f"{t.prefix}.by-ip"
-    by_ip = topic(by_ip_name)
-    faust_fixes.gapless(by_user_name, by_ip_name)  # our own repartition topics: no control records in them
-    topic(by_user_name), topic(t.decisions), topic(t.feature_log)  # declared (partitions checked) like the others
+    by_ip_name = w.by_ip_out
+    by_ip = topic(w.by_ip_in)
+    faust_fixes.gapless(by_user_name, w.by_ip_in)  # our own repartition topics: no control records in them
+    topic(by_user_name), topic(by_ip_name), topic(t.decisions), topic(t.feature_log)  # declared like the others
     app.topic(t.dead_letters, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
               partitions=1)
 
@@ -179,7 +199,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
             return faust_fixes.current(app.consumer, message)
 
     users = UserStage(s, t, TableWriter(table(USERS_TABLE)), producer, by_user_name, by_ip_name, Ops())
-    ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, by_ip_name, model, Ops())
+    ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, w.by_ip_in, model, Ops())
 
     @app.agent(user_in, concurrency=1)
     async def user_stage(stream: Any) -> None:
@@ -276,8 +296,9 @@ class ModelSwap:
 
 
 def run_worker(s: Settings, *, model_dir: Path | None = None, data_dir: Path | None = None,
-               loglevel: str = "info") -> None:
-    """Create missing topics, build the app and run a Faust worker until stopped."""
+               loglevel: str = "info", wiring: Wiring | None = None) -> None:
+    """Create missing topics, build the app and run a Faust worker until stopped (``wiring``: a replay agent's
+    topics, see ``stream.replay``)."""
     from faust.worker import Worker
 
     try:  # libuv's event loop: asyncio's own loop + selector were ~40% of the worker's time (issue 4)
@@ -292,7 +313,7 @@ def run_worker(s: Settings, *, model_dir: Path | None = None, data_dir: Path | N
     # them: 116 -> 90 us CPU a click with 20,000 (bench e2e). Cycles are still collected, a little later.
     gc.set_threshold(20_000, 20, 100)
     asyncio.run(ensure_topics(s))
-    app = create_app(s, model_dir=model_dir, data_dir=data_dir)
+    app = create_app(s, model_dir=model_dir, data_dir=data_dir, wiring=wiring)
     metrics.start(s.metrics_port, s.metrics_bind)
     worker = Worker(app, loglevel=loglevel, quiet=True, redirect_stdouts=False)
     # Faust's terminal spinner sets the root logger to DEBUG (to spin on every record) whenever loglevel >=

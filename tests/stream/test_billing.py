@@ -29,10 +29,22 @@ def test_latest_revision_wins_and_duplicates_count_once() -> None:
     assert led.records == 7 and len(led.latest) == 4
     assert led.latest["c2"].revision == 1 and not led.latest["c2"].valid
     assert led.latest["c3"].revision == 2
-    assert led.summary() == {
-        "a1": {"billable": 1, "invalidated": 2, "billable_spend": 0.5, "invalidated_spend": 1.0},
-        "a2": {"billable": 1, "invalidated": 0, "billable_spend": 1.25, "invalidated_spend": 0.0},
+    assert led.summary() == {  # corrections: c2 was billable live and a replay credited it (c3 has no live one)
+        "a1": {"billable": 1, "invalidated": 2, "billable_spend": 0.5, "invalidated_spend": 1.0,
+               "corrected": 1, "credited_spend": 0.5, "rebilled_spend": 0.0},
+        "a2": {"billable": 1, "invalidated": 0, "billable_spend": 1.25, "invalidated_spend": 0.0,
+               "corrected": 0, "credited_spend": 0.0, "rebilled_spend": 0.0},
     }
+
+
+def test_corrections_compare_the_latest_decision_with_the_live_one() -> None:
+    led = ledger_of([
+        dec("c1", True), dec("c1", False, revision=1), dec("c1", True, revision=2),  # undone by a later replay
+        dec("c2", False, cpc=2.0), dec("c2", True, revision=1, cpc=2.0),  # re-billed
+        dec("c3", True, cpc=0.25), dec("c3", False, revision=1, cpc=0.25),  # credited
+    ])
+    row = led.summary()["a1"]
+    assert (row["corrected"], row["credited_spend"], row["rebilled_spend"]) == (2, 0.25, 2.0)
 
 
 @pytest.mark.integration
@@ -56,3 +68,4 @@ def test_reads_the_decisions_topic(kenv: KEnv) -> None:
     assert (len(led.latest), led.records, led.bad_records) == (30, 31, 1)
     assert led.latest["c0"].valid and led.latest["c0"].revision == 1
     assert led.summary()["a1"]["invalidated"] == 9  # c3, c6, ..., c27 (c0 was revalidated by the replay)
+    assert led.summary()["a1"]["rebilled_spend"] == 0.5
