@@ -510,7 +510,9 @@ def settings_env(s: Settings) -> dict[str, str]:
 
 
 def agent_settings(s: Settings, rid: str) -> Settings:
-    return s.model_copy(update={"worker_id": replay_worker_id(s, rid), "worker_web_port": 0, "metrics_port": 0})
+    # no watermark: the driver hands the agent's IP stage its clicks already in the live IP stage's counting order
+    return s.model_copy(update={"worker_id": replay_worker_id(s, rid), "worker_web_port": 0, "metrics_port": 0,
+                                "ip_watermark": False})
 
 
 def agent_wiring(s: Settings, rid: str) -> Any:
@@ -581,11 +583,38 @@ def warmup_start(first: dict[int, Any], begin: Offsets, times: Callable[[int], O
     return out
 
 
-def _pos(tag: int, off: int) -> tuple[int, int]:
-    """A by-ip item's clicks position from its ``p`` tag (a forwarded click's tag is ``FORWARDED`` + partition)."""
-    from stream.stages import FORWARDED
+def _pos(rec: dict[str, Any]) -> tuple[int, int]:
+    """A by-ip item's clicks position: its ``p`` (a clicks partition and offset), or for a forwarded click its
+    ``o`` (its ``p`` is its by-user position, which differs between the live run and a replay)."""
+    o = rec.get("o") or rec["p"]
+    return int(o[0]), int(o[1])
 
-    return (tag - FORWARDED if tag >= FORWARDED else tag), off
+
+def live_counting_order(by_ip: dict[int, list[bytes]], feature_log: dict[int, list[bytes]]) -> dict[int, list[bytes]]:
+    """The live by-ip items re-grouped in the order the live IP stage counted their clicks: its feature log's
+    order per partition (the IP stage releases clicks in event-time order, not in by-ip arrival order; see the
+    IP stage's watermark in docs/design.md), one record per feature-log record. Pure."""
+    from stream.stages import read_feature_log
+
+    item: dict[str, Any] = {}
+    for vs in by_ip.values():
+        for v in vs:
+            for rec in orjson.loads(v):
+                if "c" in rec:  # (not a heartbeat)
+                    item.setdefault(rec["c"]["click_id"], rec)
+    out: dict[int, list[bytes]] = {}
+    for p, vs in feature_log.items():
+        seen: set[str] = set()
+        for v in vs:
+            recs = []
+            for r in read_feature_log(v):
+                cid = r["click_id"]
+                if cid in item and cid not in seen:
+                    seen.add(cid)
+                    recs.append(item[cid])
+            if recs:
+                out.setdefault(p, []).append(orjson.dumps(recs))
+    return out
 
 
 def needed(live: dict[int, list[bytes]], in_range: Callable[[int, int], bool], end: Offsets) -> Offsets:
@@ -594,7 +623,7 @@ def needed(live: dict[int, list[bytes]], in_range: Callable[[int, int], bool], e
     partition's, handled earlier). Pure."""
     need = dict(end)
     for p in sorted(live):
-        items = [_pos(*rec["p"]) for v in live[p] for rec in orjson.loads(v)]
+        items = [_pos(rec) for v in live[p] for rec in orjson.loads(v) if "c" in rec]
         last = max((i for i, k in enumerate(items) if in_range(*k)), default=-1)
         for k in items[:last + 1]:
             need[k[0]] = max(need.get(k[0], 0), k[1] + 1)
@@ -615,7 +644,9 @@ def sequence(live: dict[int, list[bytes]], raw: dict[int, list[bytes]], keep: Ca
     for p in sorted(raw):
         for v in raw[p]:
             for rec in orjson.loads(v):
-                k = pos(rec["p"][0], rec["p"][1])
+                if "c" not in rec:
+                    continue  # a heartbeat (the replay agent runs without the watermark: see run_recompute)
+                k = pos(rec)
                 if k not in mine and keep(*k):
                     mine[k] = (p, orjson.dumps(rec))
                     order.append(k)
@@ -625,7 +656,9 @@ def sequence(live: dict[int, list[bytes]], raw: dict[int, list[bytes]], keep: Ca
         for v in live[p]:
             items = []
             for rec in orjson.loads(v):
-                k = pos(rec["p"][0], rec["p"][1])
+                if "c" not in rec:
+                    continue
+                k = pos(rec)
                 if k in mine and k not in used:
                     used.add(k)
                     items.append(mine[k][1])
@@ -723,8 +756,10 @@ async def recompute_decisions(s: Settings, rid: str, model: Model, rng: Range, c
     agent = subprocess.Popen([sys.executable, "-m", "slidr", "replay-agent", rid, "--model-dir", str(model.folder)],
                              env=env, stdout=log_file.open("ab"), stderr=subprocess.STDOUT)
     live_ip = await read_range(s, f"{live.prefix}.by-ip")
-    live_recs = {p: [m.value for m in ms] for p, ms in live_ip.items()}
-    del live_ip
+    live_fl = await read_range(s, live.feature_log)
+    live_recs = live_counting_order({p: [m.value for m in ms] for p, ms in live_ip.items()},
+                                    {p: [m.value for m in ms] for p, ms in live_fl.items()})
+    del live_ip, live_fl
     need = needed(live_recs, lambda p, o: rng.start.get(p, 0) <= o < rng.end.get(p, 0), rng.end)
     try:
         # 1. the user stage: every click up to the range's end (and past it, as far as the live IP stage had read

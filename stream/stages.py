@@ -432,9 +432,12 @@ class UserStage(Stage):
         if out is not None:  # forward the click with the position of what this stage read (the next stage's
             # dedupe key: a by-user offset for a forwarded click, since forwarded clicks of one clicks partition
             # reach an IP through several by-user partitions, out of their clicks order)
+            # (and ``"o"``, a forwarded click's clicks position: what a replay matches clicks by)
             fwd.setdefault(ip_partition(c.ip_key, self.s.partitions), []).append(
                 b'{"c":' + raw + b',"u":' + orjson.dumps(out) + b',"p":[' + str(tag).encode() + b","
-                + str(msg.offset).encode() + b"]}")
+                + str(msg.offset).encode() + b"]"
+                + (b',"o":[' + str(src[0] - FORWARDED).encode() + b"," + str(src[1]).encode() + b"]"
+                   if tag >= FORWARDED else b"") + b"}")
         return 0
 
 

@@ -22,7 +22,7 @@ from stream.billing import read_all
 from stream.scoring import decision_dicts, load_model, score_batch
 from tests.stream import kafka_helpers as K
 from tests.stream.helpers import traffic
-from tests.stream.test_worker_integration import _global_order, _profiles
+from tests.stream.test_worker_integration import _profiles, reference_features
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,8 @@ class Live:
         want = {c.click_id for c in self.clicks}
         asyncio.run(K.read_until(s, [kenv.topics.decisions], lambda r: {m.key.decode() for m in
                                  r[kenv.topics.decisions]} >= want, 300, self._alive))
-        self.by_ip = asyncio.run(K.read_partitions(s, f"{kenv.prefix}.by-ip", 30))
+        # the live IP stage's counting order per partition: its feature log's (test_worker_integration)
+        self.counted = asyncio.run(K.read_partitions(s, kenv.topics.feature_log, 30))
         clicks_msgs = asyncio.run(K.read_partitions(s, kenv.topics.clicks, 30))
         self.position = {orjson.loads(m.value)["click_id"]: (p, m.offset) for p, ms in clicks_msgs.items()
                          for m in ms}
@@ -68,9 +69,10 @@ class Live:
         order (equal to the live feature log: test_worker_integration), scored."""
         if version in self._refs:
             return self._refs[version]
-        order = _global_order(self.clicks, self.by_ip)
+        feats = reference_features(self.clicks, self.counted, self.profiles)
+        order = [c for c in self.clicks if c.click_id in feats]
         model = load_model(self.s.registry_path / version)
-        scores = score_batch(model, F.featurize(order, self.profiles))
+        scores = score_batch(model, np.stack([feats[c.click_id] for c in order]))
         got = self._refs[version] = {d["click_id"]: d["valid"] for d in decision_dicts(model, order, scores,
                                                                                         decided_at=1)}
         return got
@@ -184,7 +186,7 @@ def test_recompute_equals_the_live_features_and_corrects_the_window(kenv: Any) -
         bad = [c for c in window if not np.array_equal(np.asarray(res.features[c], dtype=np.float32), feats[c])]
         assert not bad, f"{len(bad)} recomputed feature vectors differ from the live ones, e.g. {bad[0]}"
         # the warm-up mattered: computed from the range alone, the first clicks' counters would differ
-        order = [c for c in _global_order(live.clicks, live.by_ip) if c.click_id in window]
+        order = [c for c in live.clicks if c.click_id in window]  # (produced order: any would do here)
         cold = F.featurize(order, live.profiles)
         differ = sum(not np.array_equal(cold[i], feats[c.click_id]) for i, c in enumerate(order[:200]))
         assert differ > 0

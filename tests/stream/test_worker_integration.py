@@ -53,43 +53,42 @@ def _setup(kenv: Any) -> tuple[list[Click], dict[str, bytes]]:
     return clicks, profiles
 
 
-def _global_order(clicks: list[Click], feature_log: dict[int, list[Any]]) -> list[Click]:
-    """An order consistent with what both stages saw: each user's clicks in produced order (they were keyed by
-    user key), each IP's clicks in the order the IP stage counted them, which is its feature log's order per
-    partition (first record of each click; the IP stage releases clicks in event-time order, a late click when
-    it comes)."""
-    by_id = {c.click_id: c for c in clicks}
-    user_prev: dict[str, str | None] = {}
-    last: dict[str, str] = {}
-    for c in clicks:
-        user_prev[c.click_id] = last.get(c.user_key)
-        last[c.user_key] = c.click_id
+def counted_order(feature_log: dict[int, list[Any]]) -> list[list[str]]:
+    """Per by-ip partition, the click ids in the order the IP stage counted them: its feature log's order (first
+    record of each click; the IP stage releases clicks in event-time order, a late click when it comes)."""
     chains = []
     for msgs in feature_log.values():
         seen: set[str] = set()
         chain = []
-        for m in msgs:  # each record: clicks the IP stage scored together, in the order it counted them
+        for m in msgs:
             for rec in read_feature_log(m.value):
-                cid = rec["click_id"]
-                if cid not in seen:
-                    seen.add(cid)
-                    chain.append(cid)
+                if rec["click_id"] not in seen:
+                    seen.add(rec["click_id"])
+                    chain.append(rec["click_id"])
         chains.append(chain)
-    done: set[str] = set()
-    heads = [0] * len(chains)
-    out: list[Click] = []
-    progress = True
-    while progress:
-        progress = False
-        for i, ch in enumerate(chains):
-            while heads[i] < len(ch) and (user_prev[ch[heads[i]]] is None or user_prev[ch[heads[i]]] in done):
-                cid = ch[heads[i]]
-                done.add(cid)
-                out.append(by_id[cid])
-                heads[i] += 1
-                progress = True
-    assert len(out) == len(clicks), "no arrival order explains the per-user and per-IP orders"
-    return out
+    return chains
+
+
+def reference_features(clicks: list[Click], feature_log: dict[int, list[Any]],
+                       profiles: dict[str, bytes]) -> dict[str, np.ndarray]:
+    """Each click's features computed offline by the stream's own functions: user features over each user's
+    clicks in produced order (they were keyed by user key), IP features over each IP's clicks in the order the IP
+    stage counted them. (No single arrival order need explain both: two late clicks can make the two orders
+    cross, so this does not go through ``featurize``'s one sequence.)"""
+    by_id = {c.click_id: c for c in clicks}
+    users: dict[str, Any] = {}
+    uf: dict[str, list[float]] = {}
+    for c in clicks:
+        users[c.user_key], uf[c.click_id] = F.update_user(users.get(c.user_key), c)
+    ips: dict[str, Any] = {}
+    ipf: dict[str, list[float]] = {}
+    for chain in counted_order(feature_log):
+        for cid in chain:
+            c = by_id[cid]
+            ips[c.ip_key], ipf[cid] = F.update_ip(ips.get(c.ip_key), c)
+    get = profiles.get
+    return {cid: np.asarray(F.assemble(by_id[cid], uf[cid], ipf[cid], F.lookup_profile(by_id[cid], get)),
+                            dtype=np.float32) for cid in ipf}
 
 
 def _wait_decided(kenv: Any, n: int, timeout_s: float, procs: list[Any] = ()) -> dict[str, list[Any]]:  # type: ignore[assignment]
@@ -107,10 +106,8 @@ def _wait_decided(kenv: Any, n: int, timeout_s: float, procs: list[Any] = ()) ->
 
 
 def _check_features(kenv: Any, clicks: list[Click], profiles: dict[str, bytes], rec: dict[str, list[Any]]) -> None:
-    log = asyncio.run(K.read_partitions(kenv.settings, kenv.topics.feature_log))
-    order = _global_order(clicks, log)
-    X = F.featurize(order, profiles)
-    want = {c.click_id: X[i] for i, c in enumerate(order)}
+    want = reference_features(clicks, asyncio.run(K.read_partitions(kenv.settings, kenv.topics.feature_log)),
+                              profiles)
     got: dict[str, np.ndarray] = {}
     for m in rec[kenv.topics.feature_log]:
         for r in read_feature_log(m.value):
