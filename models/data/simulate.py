@@ -52,7 +52,9 @@ NO_TZ = -9999  # sentinel for "tz_offset_min unknown" in the int column
 # version of the simulated world, in meta.json ("simulator_version"); bumped whenever the same scenario and seed
 # give different traffic. 2 (issue 17): no one-field giveaways (time zones, VPN exits shared with bots,
 # scripted user agents per run), target rotation, mimic's diurnal curve
-SIMULATOR_VERSION = 2
+SIMULATOR_VERSION = 3
+# 3: the bots' target ads drawn from a stream of their own (World.target_rng)
+TARGET_STREAM = 1  # second word of the target stream's seed: PCG64([seed, TARGET_STREAM])
 
 ARCHETYPES = ("human", "bursty", "low_slow", "dc_rotation", "resi_botnet", "compromised", "mimic", "night",
               "app_farm")
@@ -283,6 +285,10 @@ class World:
     def __init__(self, sc: dict[str, Any], seed: int) -> None:
         self.sc = sc
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        # the bots' target ads come from a stream of their own: the targets settings (rotation on or off, its
+        # rates) change which ads bots click and nothing else, so two scenarios differing only there give the
+        # very same clicks otherwise (the same features: the model never sees an ad) and compare like for like
+        self.target_rng = np.random.Generator(np.random.PCG64([seed, TARGET_STREAM]))
         start = datetime.fromisoformat(sc["start"].replace("Z", "+00:00"))
         self.start_ms = int(start.timestamp() * 1000)
         self.start_dow = start.weekday()
@@ -345,7 +351,7 @@ class World:
         for d in range(1, self.n_days):
             free = np.flatnonzero(self.ad_bot_day == 0)
             if per_day and len(free) > per_day:
-                self.ad_bot_day[r.choice(free, size=per_day, replace=False)] = d
+                self.ad_bot_day[self.target_rng.choice(free, size=per_day, replace=False)] = d
 
     def human_ads(self, n: int) -> np.ndarray:
         return self.rng.choice(len(self.ad_pop), size=n, p=self.ad_pop).astype(np.int32)
@@ -357,7 +363,7 @@ class World:
         ``targets.rotate_share`` per day), among the ads open to bots that day, taking that day's new ads with
         probability ``targets.new_ad_pick`` per target.
         """
-        r, tg, nd = self.rng, self.sc["targets"], self.n_days
+        r, tg, nd = self.target_rng, self.sc["targets"], self.n_days
         n, n_ent = len(ent), (int(ent.max()) + 1 if len(ent) else 1)
         n_ads = len(self.ad_rich)
         day = np.clip((np.asarray(ts, dtype=np.int64) - self.start_ms) // DAY_MS, 0, nd - 1)
