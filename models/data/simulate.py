@@ -20,7 +20,8 @@ Archetypes (truth.jsonl ``archetype``): ``human`` and
 - ``bursty``      bursts of tens to hundreds of clicks a second or two apart, scripted user agents;
 - ``low_slow``    one click every 20-120 min around the clock from a fixed residential IP: few clicks/hour;
 - ``dc_rotation`` every click from another data-centre IP, a fresh session every 1-3 clicks, UTC clock;
-- ``resi_botnet`` residential-proxy botnet: many residential IPs with 1-3 clicks each, in waves, on a few ads;
+- ``resi_botnet`` residential-proxy botnet: many residential IPs with 1-3 clicks each, in waves (jobs), each
+                  wave on a few ads of its own;
 - ``compromised`` logged-in real customers' accounts driven from proxies at a high rate;
 - ``mimic``       human-like sessions, real user agents and the human diurnal rhythm, high-priced ads;
 - ``night``       sessions in the visitor's local night (0-5 h);
@@ -54,7 +55,7 @@ NO_TZ = -9999  # sentinel for "tz_offset_min unknown" in the int column
 # scripted user agents per run), target rotation, mimic's diurnal curve
 SIMULATOR_VERSION = 3
 # 3: the bots' target ads drawn from a stream of their own (World.target_rng); VPN range popularity in an order
-# of its own (not the bot-free ranges first)
+# of its own (not the bot-free ranges first), a residential botnet's target ads per wave (job), not per net
 TARGET_STREAM = 1  # second word of the target stream's seed: PCG64([seed, TARGET_STREAM])
 VPN_STREAM = 2  # and of the VPN ranges' popularity order
 
@@ -711,9 +712,13 @@ def _resi_botnet(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any
     wave = r.integers(0, n_waves, size=n)
     ts = wave_start[net, wave] + (r.exponential(1.0, size=n) * HOUR_MS).astype(np.int64)
     ts = np.minimum(ts, w.end_ms - 1)
+    # each wave is a job (a net is rented out by the hour, one buyer's campaigns per job) with target ads of its
+    # own; per net, a scenario's two or three nets kept two ads for days (default seed 11: no net moved on the
+    # test day, all its clicks on ads it had clicked before, and the ad alone separated it at AUC 0.994)
+    job = net * n_waves + wave
     return {"ts": ts, "session": w.ids(k)[dev], "customer": _accounts(w, n_nets, li, *acc)[net],
             "ip": w.residential(k)[dev], "ua": w.ua(plat, k)[dev], "tz": w.tz(k)[dev],
-            "ad": w.bot_ads(net, ts, 2)}
+            "ad": w.bot_ads(job, ts, 2)}
 
 
 def _compromised(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any, cust: Customers
