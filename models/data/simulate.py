@@ -55,7 +55,8 @@ NO_TZ = -9999  # sentinel for "tz_offset_min unknown" in the int column
 # scripted user agents per run), target rotation, mimic's diurnal curve
 SIMULATOR_VERSION = 3
 # 3: the bots' target ads drawn from a stream of their own (World.target_rng); VPN range popularity in an order
-# of its own (not the bot-free ranges first), a residential botnet's target ads per wave (job), not per net
+# of its own (not the bot-free ranges first), a residential botnet's target ads per wave (job), not per net;
+# target rotation on in the clean and heavy-bots scenarios too
 TARGET_STREAM = 1  # second word of the target stream's seed: PCG64([seed, TARGET_STREAM])
 VPN_STREAM = 2  # and of the VPN ranges' popularity order
 
