@@ -56,7 +56,7 @@ NO_TZ = -9999  # sentinel for "tz_offset_min unknown" in the int column
 SIMULATOR_VERSION = 3
 # 3: the bots' target ads drawn from a stream of their own (World.target_rng); VPN range popularity in an order
 # of its own (not the bot-free ranges first), a residential botnet's target ads per wave (job), not per net;
-# target rotation on in the clean and heavy-bots scenarios too
+# target rotation on in the clean and heavy-bots scenarios too; the main stream keeps version 2's draws (bot_ads)
 TARGET_STREAM = 1  # second word of the target stream's seed: PCG64([seed, TARGET_STREAM])
 VPN_STREAM = 2  # and of the VPN ranges' popularity order
 
@@ -360,13 +360,18 @@ class World:
     def human_ads(self, n: int) -> np.ndarray:
         return self.rng.choice(len(self.ad_pop), size=n, p=self.ad_pop).astype(np.int32)
 
-    def bot_ads(self, ent: np.ndarray, ts: np.ndarray, k: int = 3) -> np.ndarray:
+    def bot_ads(self, ent: np.ndarray, ts: np.ndarray, k: int = 3, main_ent: np.ndarray | None = None
+                ) -> np.ndarray:
         """Each bot entity targets k ads drawn by price; its clicks (at times ``ts``) pick among those.
 
         An entity draws its targets on its first day and again on each later day it moves (probability
         ``targets.rotate_share`` per day), among the ads open to bots that day, taking that day's new ads with
-        probability ``targets.new_ad_pick`` per target.
+        probability ``targets.new_ad_pick`` per target. All of it from the target stream; the main stream makes
+        the draws version 2 made here with rotation off (for ``main_ent``, default ``ent``) and drops them, so
+        every other draw of a world stays where it was (seed-pinned figures of scenarios without rotation, the
+        small one's tests among them, keep their world).
         """
+        self._v2_draws(ent if main_ent is None else main_ent, len(ent), k)
         r, tg, nd = self.target_rng, self.sc["targets"], self.n_days
         n, n_ent = len(ent), (int(ent.max()) + 1 if len(ent) else 1)
         n_ads = len(self.ad_rich)
@@ -388,6 +393,14 @@ class World:
             targets[d] = t
         pick = r.integers(0, k, size=n)
         return targets[np.maximum(draw_day[ent, day], 0), ent, pick].astype(np.int32)
+
+    def _v2_draws(self, ent: np.ndarray, n: int, k: int) -> None:
+        """The main-stream draws of version 2's ``bot_ads`` without rotation (dropped: see ``bot_ads``)."""
+        n_ent = int(ent.max()) + 1 if len(ent) else 1
+        self.rng.random((n_ent, self.n_days))
+        for _ in range(self.n_days):
+            self.rng.choice(len(self.ad_rich), size=(n_ent, k), p=self.ad_rich)
+        self.rng.integers(0, k, size=n)
 
     # ---- addresses ---------------------------------------------------------------------------------------------
     def _addr(self, octets: np.ndarray, n: int) -> np.ndarray:
@@ -719,7 +732,7 @@ def _resi_botnet(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any
     job = net * n_waves + wave
     return {"ts": ts, "session": w.ids(k)[dev], "customer": _accounts(w, n_nets, li, *acc)[net],
             "ip": w.residential(k)[dev], "ua": w.ua(plat, k)[dev], "tz": w.tz(k)[dev],
-            "ad": w.bot_ads(job, ts, 2)}
+            "ad": w.bot_ads(job, ts, 2, main_ent=net)}
 
 
 def _compromised(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any, cust: Customers
