@@ -15,6 +15,9 @@ class TrainConfig:
     # --- weak labels -------------------------------------------------------------------------
     rfm_threshold: float = 0.7  # customer rfm_score >= this -> human (label 0) even without a purchase
     robotic_overrides_rfm: bool = True  # ... unless the click is in the "surely robotic" set (> coverage_k/h)
+    # ... and (when on) only when the click looks like its account's earlier sessions: a user agent or IP /24 the
+    # account used before (models.labels.consistent_with_history); off = SLIDR's rule, the report's baseline
+    rfm_needs_history: bool = False
     # --- time split: the last `test_days` days are the test set, the `val_days` before them validation
     test_days: int = 1
     val_days: int = 1

@@ -18,18 +18,55 @@ SPLIT_NAMES = ("train", "val", "test")
 
 
 def weak_labels(purchased: npt.NDArray[np.bool_], rfm: npt.NDArray[np.float64],
-                rfm_threshold: float, robotic: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.int8]:
+                rfm_threshold: float, robotic: npt.NDArray[np.bool_] | None = None,
+                consistent: npt.NDArray[np.bool_] | None = None) -> npt.NDArray[np.int8]:
     """1 = non-human, 0 = human (purchase, or RFM score >= threshold). ``rfm`` is NaN when logged out.
 
     ``robotic`` (optional): clicks of the "surely robotic" heuristic set (more than k clicks in an hour). A
     high RFM score does not make those human: a good customer's account clicking like a machine is a taken-over
     account, and labelling it human would teach the model that bursts on logged-in accounts are human. Only a
     purchase still does.
+
+    ``consistent`` (optional, :func:`consistent_with_history`): a high RFM score makes a click human only when the
+    click also looks like its account's own earlier sessions (a user agent or IP range it used before): a hijacked
+    account keeps its owner's RFM score but not the owner's device or network. SLIDR's rule is without it.
     """
     high_rfm = np.nan_to_num(rfm, nan=-1.0) >= rfm_threshold
     if robotic is not None:
         high_rfm &= ~robotic
+    if consistent is not None:
+        high_rfm &= consistent
     return np.where(purchased | high_rfm, 0, 1).astype(np.int8)
+
+
+def consistent_with_history(user_keys: Sequence[str], sessions: Sequence[str], user_agents: Sequence[str],
+                            ip24s: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """Per click (arrival order): does it look like its logged-in account's own earlier sessions? True when its
+    user agent or its IP /24 is one the account (user key ``c:...``) used in an earlier session; False for a
+    logged-in account's first session and for logged-out keys (no account history to compare with).
+
+    Causal (only earlier sessions count, never the click's own session, so a hijacker's run does not vouch for
+    itself): the account-history check of :func:`weak_labels`' ``consistent`` argument. A taken-over account is
+    driven from the attacker's proxy with the attacker's client, so it rarely shows the owner's device or range.
+    """
+    out = np.zeros(len(user_keys), dtype=bool)
+    hist: dict[str, tuple[set[str], set[str]]] = {}
+    cur: dict[str, tuple[str, set[str], set[str]]] = {}  # the account's current session: id, its UAs, /24s
+    for i, (k, s, ua, p) in enumerate(zip(user_keys, sessions, user_agents, ip24s, strict=True)):
+        if not k.startswith("c:"):
+            continue
+        c = cur.get(k)
+        if c is None or c[0] != s:
+            if c is not None:  # the previous session becomes history
+                past = hist.setdefault(k, (set(), set()))
+                past[0].update(c[1])
+                past[1].update(c[2])
+            c = cur[k] = (s, set(), set())
+        h = hist.get(k)
+        out[i] = h is not None and (ua in h[0] or p in h[1])
+        c[1].add(ua)
+        c[2].add(p)
+    return out
 
 
 def time_split(ts_ms: npt.NDArray[np.int64], start_ms: int | None = None, test_days: int = 1,

@@ -16,7 +16,7 @@ import numpy as np
 
 from models.calibrate import global_calibration, slice_calibration
 from models.config import TrainConfig
-from models.labels import TEST, TRAIN, VAL, label_audit
+from models.labels import TEST, TRAIN, VAL, label_audit, weak_labels
 from models.metrics import curve, evaluate, ivr_at_fpr, recall_at_fir, roc_auc, row_thresholds, threshold_at_fpr
 from models.pipeline import CALIBRATION, MANIFEST, MODEL, load_training_data, read_json, write_json
 from models.train import TrainingData
@@ -62,6 +62,41 @@ def baselines(td: TrainingData, mlp_scores: np.ndarray, cfg: TrainConfig) -> dic
         if tr is not None:
             row["recall_at_1pct_fir"] = recall_at_fir(s[te], tr[0], tr[1], 0.01)["bot_recall"]
         out[kind] = row | {"scores": s}
+    return out
+
+
+def lightgbm_reference(td: TrainingData, mlp_scores: np.ndarray, cfg: TrainConfig) -> dict[str, Any] | None:
+    """LightGBM on the MLP's inputs (the same features, ``cfg.drop_features`` zeroed as inside the graph), labels and
+    sample weights, early-stopped on the validation day: how far the served network is from a strong tabular
+    learner. Test-day AUC against the weak labels and, on simulated data, recall at 1% human false-invalidation
+    per archetype beside the MLP's. None when lightgbm is not installed (it is in the ``train`` extra)."""
+    try:
+        import lightgbm as lgb
+    except ImportError:
+        return None
+    from models.train import sample_weights
+    from stream.features import FEATURE_NAMES
+
+    x = td.x.copy()
+    x[:, [FEATURE_NAMES.index(n) for n in cfg.drop_features]] = 0.0
+    tr, va, te = td.rows(TRAIN), td.rows(VAL), td.rows(TEST)
+    params = {"objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
+              "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.9, "seed": cfg.seed,
+              "num_threads": max(1, cfg.threads), "verbose": -1}
+    dtrain = lgb.Dataset(x[tr], td.label[tr], weight=sample_weights(td, tr, cfg))
+    dval = lgb.Dataset(x[va], td.label[va], weight=sample_weights(td, va, cfg), reference=dtrain)
+    booster = lgb.train(params, dtrain, num_boost_round=400, valid_sets=[dval],
+                        callbacks=[lgb.early_stopping(20, verbose=False)])
+    s = np.asarray(booster.predict(x, num_iteration=booster.best_iteration), dtype=np.float64)
+    out: dict[str, Any] = {"trees": int(booster.best_iteration or booster.current_iteration()),
+                           "auc": {"lightgbm": roc_auc(s[te], td.label[te]),
+                                   "mlp": roc_auc(mlp_scores[te], td.label[te])}}
+    truth = td.truth(te)
+    if truth is not None:
+        for name, sc in (("lightgbm", s), ("mlp", mlp_scores)):
+            r = recall_at_fir(sc[te], truth[0], truth[1], 0.01)
+            out[name] = {"bot_recall": r["bot_recall"],
+                         "archetypes": {a: v["invalidated"] for a, v in r["archetypes"].items() if v["is_bot"]}}
     return out
 
 
@@ -131,15 +166,31 @@ def _plot_bars(path: Path, title: str, groups: dict[str, dict[str, float]], ylab
     plt.close(fig)
 
 
-def label_audit_section(td: TrainingData) -> tuple[list[str], dict[str, Any]] | None:
-    """Markdown and figures of the weak labels against the truth, per split (simulated data only, else None)."""
+def label_rules(td: TrainingData, cfg: TrainConfig) -> dict[str, np.ndarray]:
+    """The weak labels under each rule: SLIDR's (purchase or high RFM outside the robotic set, the baseline) and
+    with the account-history check (a high RFM counts only on a click like the account's earlier sessions)."""
+    if td.rfm is None or td.rfm_consistent is None:
+        return {}
+    robotic = td.heavy if cfg.robotic_overrides_rfm else None
+    return {"slidr": weak_labels(td.purchased, td.rfm, cfg.rfm_threshold, robotic),
+            "rfm_needs_history": weak_labels(td.purchased, td.rfm, cfg.rfm_threshold, robotic, td.rfm_consistent)}
+
+
+def label_audit_section(td: TrainingData, cfg: TrainConfig | None = None
+                        ) -> tuple[list[str], dict[str, Any]] | None:
+    """Markdown and figures of the weak labels against the truth, per split (simulated data only, else None);
+    with ``cfg``, also each labelling rule's audit on the training split (``label_rules``)."""
     splits = [("train", td.rows(TRAIN)), ("val", td.rows(VAL)), ("test", td.rows(TEST))]
-    audits = {}
+    audits: dict[str, Any] = {}
     for name, m in splits:
         tr = td.truth(m)
         if tr is None:
             return None
         audits[name] = label_audit(td.label[m], tr[0], tr[1])
+    rules = label_rules(td, cfg) if cfg is not None else {}
+    tr_m = td.rows(TRAIN)
+    tr = td.truth(tr_m)
+    by_rule = {k: label_audit(v[tr_m], tr[0], tr[1]) for k, v in rules.items()} if tr is not None else {}
     names = sorted({a for au in audits.values() for a in au["archetypes"]})
     rows: list[list[Any]] = [[a] + [au["archetypes"].get(a, {}).get("called_human")
                                     for au in audits.values()] for a in names]
@@ -150,6 +201,18 @@ def label_audit_section(td: TrainingData) -> tuple[list[str], dict[str, Any]] | 
           "robotic set) call human; below, the weak labels' precision and recall for humans. The truth is only "
           "read here, never in training.", "",
           _table(["archetype"] + [f"called human ({n})" for n in audits], rows), ""]
+    if by_rule:
+        names = sorted({a for au in by_rule.values() for a in au["archetypes"]})
+        rrows: list[list[Any]] = [[a] + [au["archetypes"].get(a, {}).get("called_human") for au in by_rule.values()]
+                                  for a in names]
+        rrows += [[f"**{k.replace('_', ' ')}**"] + [au[k] for au in by_rule.values()]
+                  for k in ("bots_called_human", "human_precision", "human_recall")]
+        md += ["Labelling rules on the training split (this model was trained with "
+               f"{'rfm_needs_history' if cfg is not None and cfg.rfm_needs_history else 'slidr'}): `slidr` = SLIDR's "
+               "rule (the baseline); `rfm_needs_history` = a high RFM score counts only on a click whose user agent or "
+               "IP /24 its account used in an earlier session (`models.labels.consistent_with_history`).", "",
+               _table(["archetype"] + [f"called human ({n})" for n in by_rule], rrows), ""]
+        audits = audits | {"rules_train": by_rule}
     return md, audits
 
 
@@ -249,6 +312,18 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
            "IVR at the budget: the best single threshold on the test day itself; (val thr.): the threshold "
            "chosen on the validation day applied to the test day.", "", _table(hdr, rows), ""]
     figures["baselines"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"} for k, r in bl.items()}
+    ref = lightgbm_reference(td, s, cfg)
+    if ref is not None:
+        figures["lightgbm_reference"] = ref
+        md += ["## LightGBM reference (not served)", "",
+               f"LightGBM ({ref['trees']} trees, early-stopped on validation) on the MLP's inputs, labels and weights. "
+               f"Test AUC (weak labels): LightGBM {_f(ref['auc']['lightgbm'])}, MLP {_f(ref['auc']['mlp'])}.", ""]
+        if "mlp" in ref:
+            names = sorted(ref["mlp"]["archetypes"])
+            lrows = [[a, ref["lightgbm"]["archetypes"][a], ref["mlp"]["archetypes"][a]] for a in names]
+            lrows.append(["**all bots**", ref["lightgbm"]["bot_recall"], ref["mlp"]["bot_recall"]])
+            md += ["Bot recall at 1% human false-invalidation (test day):", "",
+                   _table(["archetype", "LightGBM", "MLP"], lrows), ""]
 
     # --- calibration: global vs slice-level -----------------------------------------------------------------
     args = (s[va], td.purchased[va], td.heavy[va], td.slices[va])
@@ -310,7 +385,7 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
                    "recall")
         md += ["![per-archetype recall](archetypes.png)", ""]
         figures["archetypes"] = {"calibrated": at_cal, "at_1pct_fir": at_fir}
-    la = label_audit_section(td)
+    la = label_audit_section(td, cfg)
     if la is not None:
         md += la[0]
         figures["label_audit"] = la[1]

@@ -91,6 +91,8 @@ def training_data(x: npt.NDArray[np.float32], ts: npt.NDArray[np.int64], purchas
                   tz: npt.NDArray[np.int64], cfg: TrainConfig, meta: dict[str, Any]) -> TrainingData:
     """``models.train.build_training_data`` from row arrays (in arrival order) instead of a dataset folder: the
     same robotic mask, weak labels, local hour, split and split checks. ``rfm`` is NaN for unknown customers."""
+    if cfg.rfm_needs_history:  # the rows carry no session, user agent or IP: SLIDR's rule only
+        raise ValueError("retrain labels with SLIDR's rule only: rfm_needs_history needs a dataset folder")
     heavy = robotic_mask(user_keys, ts, cfg.coverage_k)
     label = weak_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None)
     hour, dow = local_hour_dow(ts, tz)

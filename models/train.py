@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from models import guardrails
 from models.config import TrainConfig
-from models.labels import TEST, TRAIN, VAL, time_split, weak_labels
+from models.labels import TEST, TRAIN, VAL, consistent_with_history, time_split, weak_labels
 from models.metrics import robotic_mask
 from models.weights import cell_weights, local_hour_dow
 
@@ -47,6 +47,8 @@ class TrainingData:
     is_bot: npt.NDArray[np.bool_] | None = None  # simulator ground truth
     archetype: npt.NDArray[np.str_] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    rfm: npt.NDArray[np.float64] | None = None  # the customer's RFM score (NaN logged out), as labelled
+    rfm_consistent: npt.NDArray[np.bool_] | None = None  # models.labels.consistent_with_history of each click
 
     def rows(self, split: int) -> npt.NDArray[np.bool_]:
         """Usable rows of one split."""
@@ -100,7 +102,7 @@ def dataset_features(ds: Any, cache_dir: Path | None = None) -> npt.NDArray[np.f
 
 def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None) -> TrainingData:
     """Features, weak labels, slices, split and guardrails for a loaded dataset (models.data.dataset)."""
-    from stream.features import FEATURE_NAMES
+    from stream.features import FEATURE_NAMES, ip_range_key
 
     x = dataset_features(ds, cache_dir)
     guardrails.check_features(x, FEATURE_NAMES)
@@ -113,7 +115,10 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
         (float(cust[c.customer_id]["rfm_score"]) if c.customer_id in cust else np.nan for c in clicks),
         dtype=np.float64, count=n)
     heavy = robotic_mask([c.user_key for c in clicks], ts, cfg.coverage_k)
-    label = weak_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None)
+    consistent = consistent_with_history([c.user_key for c in clicks], [c.session_id for c in clicks],
+                                         [c.user_agent or "" for c in clicks], [ip_range_key(c.ip_key) for c in clicks])
+    label = weak_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None,
+                        consistent if cfg.rfm_needs_history else None)
     tz = np.fromiter((c.tz_offset_min or 0 for c in clicks), dtype=np.int64, count=n)
     hour, dow = local_hour_dow(ts, tz)
     usable = ~ds.in_label_outage(ts)
@@ -125,7 +130,8 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
     td = TrainingData(x=x, label=label, purchased=purchased, heavy=heavy,
                       slices=np.array([c.slice for c in clicks], dtype=str),
                       logged_in=np.asarray(ds.logged_in, dtype=bool), ts=ts, hour=hour, dow=dow,
-                      split=split, usable=usable, is_bot=is_bot, archetype=arch, meta=dict(ds.meta))
+                      split=split, usable=usable, is_bot=is_bot, archetype=arch, meta=dict(ds.meta), rfm=rfm,
+                      rfm_consistent=consistent)
     for i, name in ((TRAIN, "train"), (VAL, "val")):
         m = td.rows(i)
         guardrails.check_split(label[m], purchased[m], name)

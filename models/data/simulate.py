@@ -20,7 +20,8 @@ Archetypes (truth.jsonl ``archetype``): ``human`` and
 - ``bursty``      bursts of tens to hundreds of clicks a second or two apart, scripted user agents;
 - ``low_slow``    one click every 20-120 min around the clock from a fixed residential IP: few clicks/hour;
 - ``dc_rotation`` every click from another data-centre IP, a fresh session every 1-3 clicks, UTC clock;
-- ``resi_botnet`` residential-proxy botnet: many residential IPs with 1-3 clicks each, in waves, on a few ads;
+- ``resi_botnet`` residential-proxy botnet: many residential IPs with 1-3 clicks each, in waves (jobs), each
+                  wave on a few ads of its own;
 - ``compromised`` logged-in real customers' accounts driven from proxies at a high rate;
 - ``mimic``       human-like sessions, real user agents and the human diurnal rhythm, high-priced ads;
 - ``night``       sessions in the visitor's local night (0-5 h);
@@ -52,7 +53,12 @@ NO_TZ = -9999  # sentinel for "tz_offset_min unknown" in the int column
 # version of the simulated world, in meta.json ("simulator_version"); bumped whenever the same scenario and seed
 # give different traffic. 2 (issue 17): no one-field giveaways (time zones, VPN exits shared with bots,
 # scripted user agents per run), target rotation, mimic's diurnal curve
-SIMULATOR_VERSION = 2
+SIMULATOR_VERSION = 3
+# 3: the bots' target ads drawn from a stream of their own (World.target_rng); VPN range popularity in an order
+# of its own (not the bot-free ranges first), a residential botnet's target ads per wave (job), not per net;
+# target rotation on in the clean and heavy-bots scenarios too; the main stream keeps version 2's draws (bot_ads)
+TARGET_STREAM = 1  # second word of the target stream's seed: PCG64([seed, TARGET_STREAM])
+VPN_STREAM = 2  # and of the VPN ranges' popularity order
 
 ARCHETYPES = ("human", "bursty", "low_slow", "dc_rotation", "resi_botnet", "compromised", "mimic", "night",
               "app_farm")
@@ -283,6 +289,10 @@ class World:
     def __init__(self, sc: dict[str, Any], seed: int) -> None:
         self.sc = sc
         self.rng = np.random.Generator(np.random.PCG64(seed))
+        # the bots' target ads come from a stream of their own: the targets settings (rotation on or off, its
+        # rates) change which ads bots click and nothing else, so two scenarios differing only there give the
+        # very same clicks otherwise (the same features: the model never sees an ad) and compare like for like
+        self.target_rng = np.random.Generator(np.random.PCG64([seed, TARGET_STREAM]))
         start = datetime.fromisoformat(sc["start"].replace("Z", "+00:00"))
         self.start_ms = int(start.timestamp() * 1000)
         self.start_dow = start.weekday()
@@ -290,7 +300,7 @@ class World:
         self.span_ms = int(self.days * DAY_MS)
         self.end_ms = self.start_ms + self.span_ms
         self._catalog()
-        self._network()
+        self._network(seed)
         self._used_ids: set[str] = set()
 
     # ---- ids ---------------------------------------------------------------------------------------------------
@@ -345,19 +355,24 @@ class World:
         for d in range(1, self.n_days):
             free = np.flatnonzero(self.ad_bot_day == 0)
             if per_day and len(free) > per_day:
-                self.ad_bot_day[r.choice(free, size=per_day, replace=False)] = d
+                self.ad_bot_day[self.target_rng.choice(free, size=per_day, replace=False)] = d
 
     def human_ads(self, n: int) -> np.ndarray:
         return self.rng.choice(len(self.ad_pop), size=n, p=self.ad_pop).astype(np.int32)
 
-    def bot_ads(self, ent: np.ndarray, ts: np.ndarray, k: int = 3) -> np.ndarray:
+    def bot_ads(self, ent: np.ndarray, ts: np.ndarray, k: int = 3, main_ent: np.ndarray | None = None
+                ) -> np.ndarray:
         """Each bot entity targets k ads drawn by price; its clicks (at times ``ts``) pick among those.
 
         An entity draws its targets on its first day and again on each later day it moves (probability
         ``targets.rotate_share`` per day), among the ads open to bots that day, taking that day's new ads with
-        probability ``targets.new_ad_pick`` per target.
+        probability ``targets.new_ad_pick`` per target. All of it from the target stream; the main stream makes
+        the draws version 2 made here with rotation off (for ``main_ent``, default ``ent``) and drops them, so
+        every other draw of a world stays where it was (seed-pinned figures of scenarios without rotation, the
+        small one's tests among them, keep their world).
         """
-        r, tg, nd = self.rng, self.sc["targets"], self.n_days
+        self._v2_draws(ent if main_ent is None else main_ent, len(ent), k)
+        r, tg, nd = self.target_rng, self.sc["targets"], self.n_days
         n, n_ent = len(ent), (int(ent.max()) + 1 if len(ent) else 1)
         n_ads = len(self.ad_rich)
         day = np.clip((np.asarray(ts, dtype=np.int64) - self.start_ms) // DAY_MS, 0, nd - 1)
@@ -379,6 +394,14 @@ class World:
         pick = r.integers(0, k, size=n)
         return targets[np.maximum(draw_day[ent, day], 0), ent, pick].astype(np.int32)
 
+    def _v2_draws(self, ent: np.ndarray, n: int, k: int) -> None:
+        """The main-stream draws of version 2's ``bot_ads`` without rotation (dropped: see ``bot_ads``)."""
+        n_ent = int(ent.max()) + 1 if len(ent) else 1
+        self.rng.random((n_ent, self.n_days))
+        for _ in range(self.n_days):
+            self.rng.choice(len(self.ad_rich), size=(n_ent, k), p=self.ad_rich)
+        self.rng.integers(0, k, size=n)
+
     # ---- addresses ---------------------------------------------------------------------------------------------
     def _addr(self, octets: np.ndarray, n: int) -> np.ndarray:
         first = self.rng.choice(octets, size=n).astype(np.uint32)
@@ -388,7 +411,7 @@ class World:
     def residential(self, n: int) -> np.ndarray:
         return self._addr(RESIDENTIAL_OCTETS, n)
 
-    def _network(self) -> None:
+    def _network(self, seed: int) -> None:
         r, net = self.rng, self.sc["network"]
         n_nat = max(4, int(net["nat_ips_per_100k"] * self.sc["clicks"] / 100_000))
         self.nat = [self._addr(CARRIER_OCTETS[c % len(CARRIER_OCTETS): c % len(CARRIER_OCTETS) + 1], n_nat)
@@ -402,9 +425,14 @@ class World:
         n_vpn = max(2, len(self.dc24) // 8)
         self.vpn24, self.botdc24 = self.dc24[:n_vpn], self.dc24[n_vpn:]
         # VPN exits: a few fixed addresses in each data-centre /24 (the bots' ranges included), each shared by
-        # many humans; a provider or company has one range, bigger ones carry more people (Zipf-like)
+        # many humans; a provider or company has one range, bigger ones carry more people (Zipf-like), in an
+        # order of their own: VPN providers rent from the hosting companies bots rent from, so how popular a range
+        # is with people says nothing about whether bots rent it too (the ranks once followed dc24's order, which
+        # made the 8 bot-free ranges the most popular ones: 36% of the human data-centre clicks in dc_rotation's
+        # slices, default seed 7, and its /24 alone reached AUC 0.982)
         self.vpn_exits = self.dc24[:, None] | r.integers(2, 254, size=(len(self.dc24), VPN_EXITS), dtype=np.uint32)
         vw = 1.0 / np.arange(1, len(self.dc24) + 1) ** 0.6
+        vw = vw[np.random.Generator(np.random.PCG64([seed, VPN_STREAM])).permutation(len(vw))]
         self.vpn_w = vw / vw.sum()
 
     def dc_ips(self, n: int, ranges: np.ndarray) -> np.ndarray:
@@ -698,9 +726,13 @@ def _resi_botnet(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any
     wave = r.integers(0, n_waves, size=n)
     ts = wave_start[net, wave] + (r.exponential(1.0, size=n) * HOUR_MS).astype(np.int64)
     ts = np.minimum(ts, w.end_ms - 1)
+    # each wave is a job (a net is rented out by the hour, one buyer's campaigns per job) with target ads of its
+    # own; per net, a scenario's two or three nets kept two ads for days (default seed 11: no net moved on the
+    # test day, all its clicks on ads it had clicked before, and the ad alone separated it at AUC 0.994)
+    job = net * n_waves + wave
     return {"ts": ts, "session": w.ids(k)[dev], "customer": _accounts(w, n_nets, li, *acc)[net],
             "ip": w.residential(k)[dev], "ua": w.ua(plat, k)[dev], "tz": w.tz(k)[dev],
-            "ad": w.bot_ads(net, ts, 2)}
+            "ad": w.bot_ads(job, ts, 2, main_ent=net)}
 
 
 def _compromised(w: World, n: int, plat: str, li: bool, t0: int | None, acc: Any, cust: Customers

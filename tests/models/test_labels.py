@@ -188,3 +188,28 @@ def test_human_share_does_not_dip_before_an_outage_or_at_the_end(tmp_path: Path)
     shown = f"purchasing share, last hour: {bought:.3f} {per_b}; human-label share, last 2 hours: {human:.3f} {per_h}"
     print(shown)
     assert bought >= 0.85 and human >= 0.88, shown
+
+
+def test_consistent_with_history_needs_an_earlier_session_of_the_account() -> None:
+    from models.labels import consistent_with_history
+
+    keys = ["c:a", "c:a", "c:a", "c:a", "c:a", "s:x", "s:x", "c:a"]
+    sess = ["1", "1", "2", "3", "3", "x", "x", "4"]
+    ua = ["chrome", "chrome", "chrome", "curl", "curl", "chrome", "chrome", "curl"]
+    ip = ["r1", "r1", "dc9", "dc9", "dc9", "r1", "r1", "dc7"]
+    got = consistent_with_history(keys, sess, ua, ip).tolist()
+    # session 1 has no history; session 2 shares the user agent; session 3 shares the /24 session 2 used; the
+    # logged-out key never counts; session 4's curl was seen in session 3 (history now holds it)
+    assert got == [False, False, True, True, True, False, False, True]
+    # a run never vouches for itself: its own earlier clicks are not history
+    assert consistent_with_history(["c:v"] * 3, ["r"] * 3, ["curl"] * 3, ["dc1"] * 3).tolist() == [False] * 3
+
+
+def test_the_history_check_only_takes_rfm_humans_away() -> None:
+    from models.labels import weak_labels
+
+    purchased = np.array([True, False, False, False])
+    rfm = np.array([0.1, 0.9, 0.9, np.nan])
+    consistent = np.array([False, True, False, False])
+    assert weak_labels(purchased, rfm, 0.7).tolist() == [0, 0, 0, 1]
+    assert weak_labels(purchased, rfm, 0.7, consistent=consistent).tolist() == [0, 0, 1, 1]

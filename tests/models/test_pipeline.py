@@ -152,6 +152,13 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
     assert r.exit_code == 0, r.output
     text = (tmp_path / "rep" / "report.md").read_text()
     assert "## Baselines" in text and "(curves.png)" in text and (tmp_path / "rep" / "curves.png").stat().st_size
+    # the LightGBM reference (train extra) beside the MLP, and the weak-label rules side by side
+    figures = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert "## LightGBM reference (not served)" in text
+    ref = figures["lightgbm_reference"]
+    assert ref["trees"] >= 1 and 0.5 < ref["auc"]["lightgbm"] <= 1.0
+    assert set(ref["lightgbm"]["archetypes"]) == set(ref["mlp"]["archetypes"])
+    assert set(figures["label_audit"]["rules_train"]) == {"slidr", "rfm_needs_history"}
 
 
 @needs_shared(TALKINGDATA_CSV)
