@@ -11,9 +11,10 @@ translated with the broker's offsets-for-times on the records' timestamps). Two 
   ``Wiring``, so the very same ``UserStage`` / ``IpStage`` objects) with its own app id, consumer group, tables
   and changelogs reads the raw clicks from a warm-up point (24 h of event time before the range, plus the
   lateness and skew bounds) into private topics. Its user stage's by-ip records are handed to its IP stage in
-  the order the live IP stage saw those clicks (the live by-ip topic; IP features depend on arrival order, which
-  differs between two runs), so features equal the live run's bit for bit; clicks the live by-ip topic no longer
-  holds follow in the replay's own order. The live tables, topics and group are never written.
+  the order the live IP stage counted those clicks (the live feature log's order: the live watermark's release
+  order, whose exceptions depend on timing two runs do not share; the agent runs without the watermark), so
+  features equal the live run's bit for bit; clicks the live by-ip topic no longer holds follow in the replay's
+  own order. The live tables, topics and group are never written.
 
 Corrections (``publish``): for each click of the range whose new decision differs in validity from the latest one
 billing holds (``--all``: every click), a decision with ``revision`` = that one's + 1 and the replay id. A click
