@@ -39,6 +39,12 @@ When production ends we wait (at most ``timeout_s``) until every sent click is d
 producer by ``minutes * 60 + timeout_s``). ``slidr bench soak [--set rate=2000] [--set minutes=10]
 [--set sample_s=5] [--set max_n=100000] [--set timeout_s=300] [--set probe=paced|backlog] [--set probe_s=90]``.
 
+Event time: ``event_scale`` (20) stretches the pool's event-time spacing, so event time advances about
+``rate / 20 * event_scale`` times wall time (1,530 s a second at 1,530 clicks/s) and every key's 24 h windows are
+full within the first minute, which the fit leaves out: the soak measures a steady state. At ``event_scale=1``
+a 10-minute soak at 1,531/s ended with the windows still filling (12.7 h of event time): the worker's cost per
+click grew with its states, and p99 latency rose by 9% of its level a minute.
+
 Probe ``paced`` (the default): the backlog maximum leaves out the paced producer and the sampler, which share
 this machine's cores with the worker during the soak (half the backlog maximum, 2,994/s, was not sustainable
 here: lag grew by 8.9k clicks a minute). So the backlog maximum is then offered by the soak machinery itself for
@@ -64,6 +70,7 @@ from bench.e2e import bench_topics, consume_count, keyed, produce, running_worke
 FLAT_REL_PER_MIN = 0.02  # a flat metric's fitted line moves by at most 2% of its level per minute
 WARMUP_S = 60.0  # left out of the slope fits (half the run when it is shorter than two minutes)
 POOL_N = 20_000  # distinct traffic clicks, repeated with new ids and later event times
+EVENT_SCALE = 20.0  # event time runs this many times the pool's spacing: per-key windows full within a minute
 ID_PREFIX = b"soak"
 _LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -297,12 +304,14 @@ async def _sampler(s: Any, topic: str, nparts: int, worker: subprocess.Popen[byt
 
 
 async def _soak(s: Any, t: Any, worker: subprocess.Popen[bytes], rate: float, duration_s: float, sample_s: float,
-                timeout_s: float, after_ts: int, skip_s: float) -> dict[str, Any]:
+                timeout_s: float, after_ts: int, skip_s: float, event_scale: float = 1.0) -> dict[str, Any]:
     from stream.synth import traffic
 
     base = traffic(POOL_N, seed=11)
-    lo, hi = min(c.ts for c in base), max(c.ts for c in base)
-    pool = [(c.user_key.encode(), c.model_dump()) for c in base]
+    lo = min(c.ts for c in base)
+    # event time runs ``event_scale`` times the pool's own spacing (see the module doc)
+    pool = [(c.user_key.encode(), c.model_dump() | {"ts": lo + int((c.ts - lo) * event_scale)}) for c in base]
+    hi = max(d["ts"] for _, d in pool)
     n = max(int(rate * duration_s), 1)
     st = _State(n=n, sent_ms=np.zeros(n, np.int64), decided=np.zeros(n, np.bool_), lat_ms=np.full(n, -1, np.int64))
     started, stop = asyncio.Event(), asyncio.Event()
@@ -340,7 +349,8 @@ async def _soak(s: Any, t: Any, worker: subprocess.Popen[bytes], rate: float, du
             "drain_s": drain_s, "lat": lat, "lat_after": lat[after]}
 
 
-def _run_soak(rate: float, duration_s: float, sample_s: float, timeout_s: float, skip: float) -> dict[str, Any]:
+def _run_soak(rate: float, duration_s: float, sample_s: float, timeout_s: float, skip: float,
+              event_scale: float = 1.0) -> dict[str, Any]:
     """One soak: fresh topics and worker, 500 warm-up clicks, then ``rate`` clicks/s for ``duration_s``."""
     from stream.synth import traffic
 
@@ -350,7 +360,7 @@ def _run_soak(rate: float, duration_s: float, sample_s: float, timeout_s: float,
         if len({m.key for m in asyncio.run(consume_count(s, t.decisions, len(warm), timeout_s))}) < len(warm):
             raise RuntimeError(f"the worker did not decide the {len(warm)} warm-up clicks in {timeout_s} s")
         res = asyncio.run(asyncio.wait_for(
-            _soak(s, t, w, rate, duration_s, sample_s, timeout_s, max(c.ts for c in warm), skip),
+            _soak(s, t, w, rate, duration_s, sample_s, timeout_s, max(c.ts for c in warm), skip, event_scale),
             timeout=duration_s + 3 * timeout_s + 60))
         res["partitions"] = s.partitions
     return res
@@ -364,6 +374,8 @@ def run(rate: float | None = None, minutes: float = 10.0, sample_s: float = 5.0,
         raise ValueError("rate, minutes, sample_s, max_n and timeout_s must be positive")
     _check_loopback(Settings().kafka_bootstrap)
     out: dict[str, Any] = {}
+    scale = float(opts.get("event_scale", EVENT_SCALE))
+    out["event_scale"] = scale
     if rate is None:
         out.update(max_throughput(int(max_n), timeout_s))
         rate = out["max_clicks_per_s"] / 2.0
@@ -372,7 +384,7 @@ def run(rate: float | None = None, minutes: float = 10.0, sample_s: float = 5.0,
             # the backlog maximum leaves out the paced producer and the sampler, which share the cores with the
             # worker during the soak: offer the backlog maximum for probe_s and take what the worker decided
             probe_s = float(opts.get("probe_s", 90.0))
-            p = _run_soak(out["max_clicks_per_s"], probe_s, float(sample_s), timeout_s, warmup_s(probe_s))
+            p = _run_soak(out["max_clicks_per_s"], probe_s, float(sample_s), timeout_s, warmup_s(probe_s), scale)
             fitted = [v for t_s, v in zip(p["series"]["t_s"], p["series"]["decisions_per_s"], strict=True)
                       if t_s >= warmup_s(probe_s) and v is not None]
             out["max_paced_clicks_per_s"] = round(float(np.mean(fitted)), 1) if fitted else None
@@ -385,7 +397,7 @@ def run(rate: float | None = None, minutes: float = 10.0, sample_s: float = 5.0,
     rate = float(rate)
     duration_s = float(minutes) * 60.0
     skip = warmup_s(duration_s)
-    res = _run_soak(rate, duration_s, float(sample_s), timeout_s, skip)
+    res = _run_soak(rate, duration_s, float(sample_s), timeout_s, skip, scale)
     partitions = res["partitions"]
     series, lat, lat_all = res["series"], res["lat_after"], res["lat"]
     floors = {"decision_lag": rate, "commit_lag": rate, "worker_rss_mib": 0.0, "worker_cpu_pct": 5.0,
