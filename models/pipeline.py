@@ -162,11 +162,23 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
         out, model_version=version, kind=kind, feature_spec_hash=FEATURE_SPEC_HASH,
         feature_names=list(FEATURE_NAMES), created_at=created.isoformat(), training_window=td.window(),
         data_dir=str(data_dir), config=cfg.to_dict(), export_max_abs_diff=diff,
+        reason_reference=reason_reference(td),
         training={k: v for k, v in hist.items() if k != "epochs"} | {"epochs": len(hist["epochs"]),
                                                                      "label_maturity": td.meta.get("label_maturity")},
         metrics={"val": model_metrics(scores, td, va, cfg.fpr_budget),
                  "test": model_metrics(scores, td, te, cfg.fpr_budget)})
     return manifest
+
+
+def reason_reference(td: TrainingData) -> list[float]:
+    """The reason codes' reference click (``stream.scoring.reason_groups``): per feature, the median over the
+    training split's weak-labelled human clicks (all training clicks when none is labelled human)."""
+    tr = td.rows(TRAIN)
+    human = tr & (td.label == 0)
+    rows = td.x[human] if human.any() else td.x[tr] if tr.any() else td.x
+    if not len(rows):
+        return [0.0] * td.x.shape[1]
+    return [round(float(v), 6) for v in np.median(rows, axis=0)]
 
 
 def train_from(td: TrainingData, cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:

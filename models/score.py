@@ -63,7 +63,9 @@ def score_dataset(model_path: Path, data_dir: Path, out: Path | None = None, *, 
     x = featurize(clicks, profiles_from_dir(data_dir))
     scores = np.concatenate([score_batch(model, x[i:i + BATCH]) for i in range(0, len(x), BATCH)]) \
         if len(x) else np.zeros(0, dtype=np.float32)
-    dec = decision_dicts(model, clicks, scores, decided_at=int(time.time() * 1000))
+    decided_at = int(time.time() * 1000)
+    dec = [d for i in range(0, len(x), BATCH) for d in decision_dicts(  # reason codes per batch, as the worker
+        model, clicks[i:i + BATCH], scores[i:i + BATCH], decided_at=decided_at, features=x[i:i + BATCH])]
     flag = np.fromiter((not d["valid"] for d in dec), dtype=bool, count=len(dec))
     purchased = ds.purchased
     robotic = robotic_mask([c.user_key for c in clicks], ds.ts, k) if clicks else np.zeros(0, dtype=bool)

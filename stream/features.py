@@ -65,6 +65,19 @@ FEATURE_NAMES: tuple[str, ...] = (
     "rfm_score", "rfm_known", "account_age_days", "ip_datacenter",
 )  # fmt: skip
 N_FEATURES = len(FEATURE_NAMES)
+# Feature groups named in an invalid decision's reason (its reason codes, ``stream.scoring.reason_groups``): each
+# group is occluded as a whole, so correlated features (a key's 1 h and 24 h counts) are judged together.
+FEATURE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("user_velocity", ("u_clicks_1m", "u_clicks_5m", "u_clicks_1h", "u_clicks_24h")),
+    ("user_timing", ("u_gap_s", "u_lgap_mean", "u_lgap_std")),
+    ("ip_volume", ("ip_clicks_1h", "ip_clicks_24h")),
+    ("ip_users", ("ip_users_1h", "ip_users_24h")),
+    ("ip_sessions", ("ip_sessions_1h", "ip_sessions_24h")),
+    ("time_of_day", ("hour_sin", "hour_cos", "dow_sin", "dow_cos")),
+    ("slice", ("logged_in", "platform_desktop", "platform_mobile", "platform_app")),
+    ("customer_profile", ("rfm_score", "rfm_known", "account_age_days")),
+    ("ip_datacenter", ("ip_datacenter",)),
+)  # fmt: skip
 N_USER = 7
 N_IP = 6
 

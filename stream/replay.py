@@ -468,7 +468,8 @@ def score_rows(model: Model, clicks: list[Click], rows: list[list[float]], decid
     out: list[dict[str, Any]] = []
     for i in range(0, len(clicks), SCORE_BATCH):
         x = np.asarray(rows[i:i + SCORE_BATCH], dtype=np.float32)
-        out += decision_dicts(model, clicks[i:i + SCORE_BATCH], score_batch(model, x), decided_at=decided_at)
+        out += decision_dicts(model, clicks[i:i + SCORE_BATCH], score_batch(model, x), decided_at=decided_at,
+                              features=x)
     return out
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 
 from schemas.events import Decision, slice_of
-from stream.features import FEATURE_NAMES, FEATURE_SPEC_HASH
+from stream.features import FEATURE_GROUPS, FEATURE_NAMES, FEATURE_SPEC_HASH
 
 log = logging.getLogger(__name__)
 INPUT_NAME = "features"
@@ -39,6 +39,9 @@ class Model:
     default_threshold: float
     thresholds: dict[str, float] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
+    # reason codes: the raw feature vector of a typical human click (the manifest's ``reason_reference``), or
+    # None for a model without one (its invalid decisions name no feature groups)
+    reference: np.ndarray | None = None
 
     def threshold(self, slice_: str) -> float:
         return self.thresholds.get(slice_, self.default_threshold)
@@ -143,6 +146,15 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
     if active != chosen[0]:
         why = f"{chosen[0]} failed to initialise (see onnxruntime's messages above)"
     log.info("model %s scores on %s: %s", manifest.get("model_version"), active, why)
+    ref = manifest.get("reason_reference")
+    reference = None
+    if ref is not None:
+        try:
+            reference = np.asarray(ref, dtype=np.float32)
+        except (TypeError, ValueError):
+            reference = np.zeros(0, dtype=np.float32)
+        if reference.shape != (len(FEATURE_NAMES),) or not np.isfinite(reference).all():
+            raise ModelError(f"model {folder}: reason_reference is not {len(FEATURE_NAMES)} finite numbers")
     return Model(
         version=str(manifest.get("model_version") or folder.name),
         folder=folder,
@@ -151,6 +163,7 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
         default_threshold=float(calib.get("default_threshold", 0.5)),
         thresholds={k: float(v) for k, v in (calib.get("thresholds") or {}).items()},
         manifest=manifest,
+        reference=reference,
     )
 
 
@@ -163,30 +176,67 @@ def score_batch(model: Model, matrix: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
+# Reason codes: each feature group occluded (its features set to the model's reference values) in one extra ONNX
+# call over the invalid clicks; a group's push is the score it adds over that reference. Pushes are rounded
+# before ranking so that float noise between batch compositions never reorders near-ties.
+_GROUP_MASK = np.zeros((len(FEATURE_GROUPS), len(FEATURE_NAMES)), dtype=bool)
+for _g, (_, _names) in enumerate(FEATURE_GROUPS):
+    _GROUP_MASK[_g, [FEATURE_NAMES.index(n) for n in _names]] = True
+GROUP_NAMES = tuple(g for g, _ in FEATURE_GROUPS)
+REASON_GROUPS = 3  # groups named per invalid decision, at most
+_PUSH_MIN = 1e-3  # a group that moves the score by less is not named
+
+
+def reason_groups(model: Model, matrix: np.ndarray, scores: np.ndarray, rows: Sequence[int]) -> list[list[str]]:
+    """For each row index in ``rows``: up to ``REASON_GROUPS`` feature groups whose values pushed its score up
+    most against the model's reference click, largest push first (empty lists without a reference)."""
+    ref = model.reference
+    if ref is None or not len(rows):
+        return [[] for _ in rows]
+    x = np.asarray(matrix, dtype=np.float32)[list(rows)]  # [k, F]
+    occluded = np.where(_GROUP_MASK[None, :, :], ref[None, None, :], x[:, None, :])  # [k, G, F]
+    k, g = len(x), len(GROUP_NAMES)
+    s_occ = score_batch(model, occluded.reshape(k * g, -1)).reshape(k, g)
+    push = np.round(np.asarray(scores, dtype=np.float32)[list(rows)][:, None] - s_occ, 4)
+    order = np.argsort(-push, axis=1, kind="stable")[:, :REASON_GROUPS]
+    return [[GROUP_NAMES[j] for j in order[i] if push[i, j] >= _PUSH_MIN] for i in range(k)]
+
+
 def decision_dicts(model: Model, clicks: Sequence[Any], scores: np.ndarray, *, decided_at: int, revision: int = 0,
-                   replay_id: str | None = None, degraded: bool = False) -> list[dict[str, Any]]:
+                   replay_id: str | None = None, degraded: bool = False,
+                   features: np.ndarray | None = None) -> list[dict[str, Any]]:
     """One decision per click as a dict in ``Decision``'s field order (``orjson.dumps`` of it is the wire record,
     byte for byte ``Decision.to_json()``): invalid when ``score >= threshold`` of the click's slice. The worker's
     hot path builds these instead of models: the values are ours and in range, and tests check that they pass
-    the strict schema."""
+    the strict schema. With ``features`` (the scored matrix) and a model that has a reference, an invalid
+    decision's reason ends with the feature groups that pushed its score most (``reason_groups``)."""
     out: list[dict[str, Any]] = []
     version = model.version
-    for c, s in zip(clicks, scores.tolist(), strict=True):
+    invalid: list[int] = []
+    for i, (c, s) in enumerate(zip(clicks, scores.tolist(), strict=True)):
         sl = slice_of(c.platform, c.logged_in)
         thr = model.threshold(sl)
         score = min(max(s, 0.0), 1.0) if s == s else 1.0  # a NaN score is treated as certain robot
         valid = score < thr
+        if not valid:
+            invalid.append(i)
         out.append({
             "v": 1, "click_id": c.click_id, "valid": valid, "score": score, "threshold": thr, "slice": sl,
             "model_version": version, "revision": revision, "replay_id": replay_id, "decided_at": decided_at,
             "reason": "" if valid else f"score {score:.3f} >= {thr:.3f} on {sl}",
             "event_ts": c.ts, "advertiser_id": c.advertiser_id, "cpc": c.cpc, "degraded": degraded,
         })
+    if features is not None and invalid and model.reference is not None:
+        for i, groups in zip(invalid, reason_groups(model, features, scores, invalid), strict=True):
+            if groups:
+                out[i]["reason"] += "; pushed by " + ", ".join(groups)
     return out
 
 
 def decide(model: Model, clicks: Sequence[Any], scores: np.ndarray, *, decided_at: int, revision: int = 0,
-           replay_id: str | None = None, degraded: bool = False) -> list[Decision]:
+           replay_id: str | None = None, degraded: bool = False,
+           features: np.ndarray | None = None) -> list[Decision]:
     """One Decision per click: invalid when ``score >= threshold`` of the click's slice."""
     return [Decision.model_construct(**d) for d in decision_dicts(
-        model, clicks, scores, decided_at=decided_at, revision=revision, replay_id=replay_id, degraded=degraded)]
+        model, clicks, scores, decided_at=decided_at, revision=revision, replay_id=replay_id, degraded=degraded,
+        features=features)]

@@ -750,9 +750,11 @@ class IpStage(Stage):
                     for j, (_, c, rec, ipf) in enumerate(todo)]
         faults.hit("ip.score")
         t0 = time.perf_counter()
-        scores = score_batch(model, np.asarray(rows, dtype=np.float32))
-        M.SCORING_SECONDS.observe(time.perf_counter() - t0)
-        decisions = decision_dicts(model, cs, scores, decided_at=int(time.time() * 1000), degraded=degraded)
+        x = np.asarray(rows, dtype=np.float32)
+        scores = score_batch(model, x)
+        decisions = decision_dicts(model, cs, scores, decided_at=int(time.time() * 1000), degraded=degraded,
+                                   features=x)
+        M.SCORING_SECONDS.observe(time.perf_counter() - t0)  # reason codes included
         tally: Counter[tuple[str, str, str]] = Counter()
         for c, d in zip(cs, decisions, strict=True):
             self.out.add(self.t.decisions, c.click_id.encode(), orjson.dumps(d))

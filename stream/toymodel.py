@@ -20,11 +20,15 @@ from stream.features import FEATURE_NAMES, FEATURE_SPEC_HASH
 _WEIGHTS = {"u_clicks_1m": 1.2, "u_clicks_5m": 0.8, "u_lgap_std": -0.6, "ip_users_1h": 0.5,
             "rfm_known": -0.7, "ip_datacenter": 1.5}
 _SCALE = {"u_clicks_1m": 3.0, "u_clicks_5m": 8.0, "u_lgap_std": 1.0, "ip_users_1h": 10.0}
+# reason codes' reference click (manifest ``reason_reference``): one click a minute, irregular, a quiet IP,
+# a known customer on a residential address
+_REFERENCE = {"u_clicks_1m": 1.0, "u_clicks_5m": 1.0, "u_lgap_std": 1.0, "ip_users_1h": 1.0, "rfm_known": 1.0}
 
 
 def build(folder: Path, *, version: str = "toy-1", threshold: float = 0.7, bias: float = -2.0,
-          feature_spec_hash: str = FEATURE_SPEC_HASH, batch_dim: str = "N") -> Path:
-    """Write model.onnx + calibration.json + manifest.json into ``folder``; return the folder."""
+          feature_spec_hash: str = FEATURE_SPEC_HASH, batch_dim: str = "N", reference: bool = True) -> Path:
+    """Write model.onnx + calibration.json + manifest.json into ``folder``; return the folder. ``reference``:
+    give the manifest a ``reason_reference`` (reason codes)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -65,6 +69,8 @@ def build(folder: Path, *, version: str = "toy-1", threshold: float = 0.7, bias:
                 "training_window": None, "metrics": {}, "config": {"weights": _WEIGHTS},
                 "sha256": {"model.onnx": hashlib.sha256(raw).hexdigest(),
                            "calibration.json": hashlib.sha256(cal_raw).hexdigest()}}
+    if reference:
+        manifest["reason_reference"] = [_REFERENCE.get(n, 0.0) for n in FEATURE_NAMES]
     (folder / "manifest.json").write_bytes(orjson.dumps(manifest))
     return folder
 

@@ -15,7 +15,7 @@ pytest.importorskip("cvxpy")
 from typer.testing import CliRunner
 
 from models.config import TrainConfig
-from models.labels import TEST, VAL
+from models.labels import TEST, TRAIN, VAL
 from models.metrics import ivr_at_fpr, rates, roc_auc, row_thresholds
 from models.pipeline import load_training_data
 from tests.conftest import TALKINGDATA_CSV, needs_shared
@@ -124,6 +124,9 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
     assert r.exit_code == 0, r.output
     manifest = read_json(model / "manifest.json")
     assert manifest["kind"] == "mlp" and set(manifest["sha256"]) == {"model.onnx", "calibration.json"}
+    # reason codes' reference: the median of the training split's weak-labelled human clicks, per feature
+    tr_human = td.rows(TRAIN) & (td.label == 0)
+    assert manifest["reason_reference"] == pytest.approx(np.median(td.x[tr_human], axis=0).tolist(), abs=1e-5)
     # ~85 purchasing clicks in validation: the 50% coverage floors alone need an FPR of about 0.06 here
     r = runner.invoke(app, ["calibrate", str(model), str(small), "--fpr-budget", "0.1"])
     assert r.exit_code == 0, r.output

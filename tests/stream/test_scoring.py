@@ -90,3 +90,69 @@ def test_only_providers_that_load_are_asked_for(model_dir: Path, capfd: pytest.C
     assert lines == [lines[0]] and f"scores on {m.provider}: " in lines[0]
     if m.provider == "CPUExecutionProvider":  # no GPU stack here: each skipped provider says why
         assert "CUDAExecutionProvider skipped: " in lines[0]
+
+
+def _reference_rows(m: scoring.Model, n: int) -> np.ndarray:
+    assert m.reference is not None
+    return np.repeat(m.reference[None, :], n, axis=0).astype(np.float32)
+
+
+def test_reason_codes_name_the_groups_that_pushed_the_score(model_dir: Path) -> None:
+    """An invalid decision's reason names the feature groups whose values raised its score over the model's
+    reference click, largest push first; a group at its reference value is never named; valid decisions carry
+    no reason; the reason does not depend on the other clicks of the batch."""
+    m = scoring.load_model(model_dir)
+    cs = traffic(4, seed=3)
+    x = _reference_rows(m, 4)
+    col = F.FEATURE_NAMES.index
+    x[0, col("ip_datacenter")] = 1.0  # one group off its reference
+    x[1, col("u_clicks_1m")] = 12.0  # two groups off: velocity pushes more than the datacenter flag here
+    x[1, col("ip_datacenter")] = 1.0
+    x[2, col("ip_users_1h")] = 40.0
+    x[2, col("rfm_known")] = 0.0  # unknown customer: the profile group pushes too
+    x[3] = m.reference  # the reference click itself: valid
+    m.thresholds, m.default_threshold = {}, 0.2
+    scores = scoring.score_batch(m, x)
+    assert (scores[:3] >= 0.2).all() and scores[3] < 0.2, scores
+    ds = scoring.decision_dicts(m, cs, scores, decided_at=cs[0].ts, features=x)
+    groups = [d["reason"].partition("; pushed by ")[2].split(", ") for d in ds[:3]]
+    assert groups[0] == ["ip_datacenter"]
+    assert groups[1] == ["user_velocity", "ip_datacenter"]
+    assert set(groups[2]) == {"ip_users", "customer_profile"}
+    # the order follows the pushes: the score without each group, computed here by hand
+    pushes = {}
+    for g in groups[2]:
+        xo = x[2:3].copy()
+        for n in dict(F.FEATURE_GROUPS)[g]:
+            xo[0, col(n)] = m.reference[col(n)]
+        pushes[g] = float(scores[2] - scoring.score_batch(m, xo)[0])
+    assert groups[2] == sorted(pushes, key=lambda g: -pushes[g])
+    assert ds[3]["valid"] and ds[3]["reason"] == ""
+    for d in ds[:3]:
+        assert d["reason"].startswith(f"score {d['score']:.3f} >= 0.200 on {d['slice']}; pushed by ")
+        assert decode_decision(orjson.dumps(d)).reason == d["reason"]  # within the schema's bounds
+    # one click at a time gives the same reasons
+    alone = [scoring.decision_dicts(m, [c], scoring.score_batch(m, x[i:i + 1]), decided_at=c.ts,
+                                    features=x[i:i + 1])[0]["reason"] for i, c in enumerate(cs)]
+    assert alone == [d["reason"] for d in ds]
+
+
+def test_no_reason_codes_without_a_reference_or_features(tmp_path: Path) -> None:
+    """A model whose manifest has no reference (models trained before reason codes) and a caller that passes
+    no features give the plain reason; a malformed reference is refused at load."""
+    plain = scoring.load_model(toymodel.build(tmp_path / "plain", reference=False, threshold=0.2))
+    assert plain.reference is None
+    cs = traffic(50, seed=4)
+    x = F.featurize(cs, {})
+    x[:, F.FEATURE_NAMES.index("ip_datacenter")] = 1.0
+    s = scoring.score_batch(plain, x)
+    reasons = [d["reason"] for d in scoring.decision_dicts(plain, cs, s, decided_at=0, features=x) if not d["valid"]]
+    assert reasons and all("pushed by" not in r for r in reasons)
+    with_ref = scoring.load_model(toymodel.build(tmp_path / "ref", threshold=0.2))
+    assert all("pushed by" not in d["reason"] for d in scoring.decision_dicts(with_ref, cs, s, decided_at=0))
+    bad = toymodel.build(tmp_path / "bad")
+    man = orjson.loads((bad / "manifest.json").read_bytes())
+    man["reason_reference"] = [0.0, float("nan")]
+    (bad / "manifest.json").write_bytes(orjson.dumps(man))
+    with pytest.raises(scoring.ModelError, match="reason_reference"):
+        scoring.load_model(bad)
