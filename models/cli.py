@@ -130,14 +130,17 @@ def register(app: typer.Typer) -> None:
         data_dir: Path = typer.Argument(..., help="Dataset folder it was trained on."),  # noqa: B008
         out: Path = typer.Option(..., "--out", help="Report folder (report.md + PNGs)."),  # noqa: B008
         ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="Weights ablation (trains models)."),
+        groups: bool = typer.Option(False, "--groups/--no-groups", help=(
+            "Feature-group ablation: the MLP retrained without each feature group (9 more trainings).")),
     ) -> None:
-        """Markdown report: curves, baselines, global vs slice calibration, archetypes, weights ablation."""
+        """Markdown report: curves, baselines, global vs slice calibration, archetypes, weights and feature-group
+        ablations."""
         from models.calibrate import CalibrationError
         from models.guardrails import GuardrailError
         from models.report import write_report
 
         try:
-            path = write_report(model_dir, data_dir, out, ablation=ablation)
+            path = write_report(model_dir, data_dir, out, ablation=ablation, groups=groups)
         except (GuardrailError, CalibrationError, FileNotFoundError) as e:
             _fail(e)
         typer.echo(f"report: {path}")

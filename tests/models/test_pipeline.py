@@ -108,6 +108,27 @@ def test_degraded_profile_keeps_auc(td) -> None:  # type: ignore[no-untyped-def]
         assert float(np.mean(g)) < 0.08, (name, gaps)
 
 
+def test_group_ablation_retrains_without_each_group(td) -> None:  # type: ignore[no-untyped-def]
+    """The feature-group ablation has a row per group plus the served model's, each with the test day's AUC and
+    the per-archetype recall at 1% human false-invalidation; the served row is the scores given; dropping the user
+    features (velocity and timing) costs AUC on this data, whose bots click fast."""
+    from models.nets import predict
+    from models.report import group_ablation
+    from models.train import train
+    from stream.features import FEATURE_GROUPS
+
+    cfg = CFG.replace(epochs=4)
+    model, _ = train(td, cfg, "mlp")
+    s = predict(model, td.x)
+    ga = group_ablation(td, s, cfg)
+    assert list(ga) == ["all", *(g for g, _ in FEATURE_GROUPS)]
+    te = td.rows(TEST)
+    assert ga["all"]["auc"] == roc_auc(s[te], td.label[te])
+    for r in ga.values():
+        assert 0.0 <= r["bot_recall"] <= 1.0 and set(r["archetypes"]) == set(ga["all"]["archetypes"])
+    assert min(ga["user_velocity"]["auc"], ga["user_timing"]["auc"]) < ga["all"]["auc"], ga
+
+
 def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from models.export import score_onnx
     from models.pipeline import read_json
