@@ -210,3 +210,20 @@ def run(n: int = 100_000, timeout_s: float = 300.0, **opts: Any) -> dict[str, An
             "ratio_to_faust_bare": round(worker_rate / bare["events_per_s"], 3),
             "faust_bare_agent_stock_clicks_per_s": stock["events_per_s"],
             "faust_bare_agent_stock_cpu_us_per_click": stock["cpu_us_per_event"]}
+
+
+def max_throughput(max_n: int, timeout_s: float) -> dict[str, Any]:
+    """bench/e2e.py's worker measurement: a backlog of ``max_n`` clicks, a fresh worker, decided / span."""
+    from stream.synth import traffic
+
+    with bench_topics("soakmax") as (s, t, tmp):
+        asyncio.run(produce(s, t.clicks, keyed(traffic(max_n, seed=7))))
+        with running_worker(s, tmp):
+            msgs = asyncio.run(consume_count(s, t.decisions, max_n, timeout_s))
+    decided = len({m.key for m in msgs})
+    if decided < 2:
+        raise RuntimeError("the max-throughput probe decided nothing (worker log: run bench e2e with a small n)")
+    ts = sorted(m.timestamp for m in msgs)
+    span_s = max((ts[-1] - ts[0]) / 1000.0, 1e-3)
+    return {"max_probe_clicks": max_n, "max_probe_decided": decided, "max_probe_span_s": round(span_s, 2),
+            "max_clicks_per_s": round(decided / span_s)}

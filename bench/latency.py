@@ -1,9 +1,12 @@
-"""Click-to-decision latency at a steady rate (default 5,000 clicks/s): p50 / p99 / p99.9.
+"""Click-to-decision latency at a steady rate: p50 / p99 / p99.9.
 
-A worker is started and warmed up; clicks are then produced at ``rate``/s for ``seconds``. Latency per click is
-the decision message's CreateTime (set by the worker's producer) minus the click message's CreateTime (set by
-our producer when sent), both wall clock on this machine. If the worker cannot keep up with ``rate`` the
-latency grows with the backlog: ``achieved_decisions_per_s`` says so. ``slidr bench latency [--set rate=2000]``.
+The rate is ``fraction`` (0.5) of the worker's maximum, measured first in the same run as bench e2e measures it
+(a backlog of ``max_n`` clicks on fresh topics, a fresh worker: ``max_clicks_per_s``), or ``rate`` clicks/s
+when given. A worker is started and warmed up; clicks are then produced at that rate for ``seconds``. Latency
+per click is the decision message's CreateTime (set by the worker's producer) minus the click message's
+CreateTime (set by our producer when sent), both wall clock on this machine. If the worker cannot keep up with
+the rate the latency grows with the backlog: ``achieved_decisions_per_s`` says so.
+``slidr bench latency [--set fraction=0.5 | --set rate=2000]``.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.e2e import bench_topics, consume_count, keyed, produce, running_worker
+from bench.e2e import bench_topics, consume_count, keyed, max_throughput, produce, running_worker
 
 
 async def _send_timed(s: Any, topic: str, clicks: list[Any], rate: float) -> dict[bytes, int]:
@@ -41,9 +44,15 @@ async def _send_timed(s: Any, topic: str, clicks: list[Any], rate: float) -> dic
     return sent
 
 
-def run(rate: float = 5000.0, seconds: float = 10.0, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
+def run(rate: float | None = None, fraction: float = 0.5, seconds: float = 10.0, max_n: int = 50_000,
+        timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
     from stream.synth import traffic
 
+    probe: dict[str, Any] = {}
+    if rate is None:
+        probe = max_throughput(int(max_n), timeout_s)
+        rate = max(1.0, float(fraction) * probe["max_clicks_per_s"])
+    rate = float(rate)
     n = int(rate * seconds)
     with bench_topics("lat") as (s, t, tmp), running_worker(s, tmp):
         warm = traffic(500, seed=99)
@@ -58,7 +67,8 @@ def run(rate: float = 5000.0, seconds: float = 10.0, timeout_s: float = 300.0, *
             first[m.key] = m.timestamp
     lat = np.asarray([first[k] - sent[k] for k in first], dtype=np.float64)
     span = (max(first.values()) - min(sent.values())) / 1000.0 if first else float("nan")
-    return {"target_rate": rate, "clicks": n, "decided": len(first),
+    return {**probe, "fraction_of_max": float(fraction) if probe else None, "target_rate": round(rate),
+            "clicks": n, "decided": len(first),
             "achieved_decisions_per_s": round(len(first) / span) if first else 0,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else None,
             "p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,

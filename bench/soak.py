@@ -65,7 +65,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.e2e import bench_topics, consume_count, keyed, produce, running_worker
+from bench.e2e import bench_topics, consume_count, keyed, max_throughput, produce, running_worker
 
 FLAT_REL_PER_MIN = 0.02  # a flat metric's fitted line moves by at most 2% of its level per minute
 WARMUP_S = 60.0  # left out of the slope fits (half the run when it is shorter than two minutes)
@@ -164,23 +164,6 @@ def _check_loopback(bootstrap: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- the probe
-
-
-def max_throughput(max_n: int, timeout_s: float) -> dict[str, Any]:
-    """bench/e2e.py's worker measurement: a backlog of ``max_n`` clicks, a fresh worker, decided / span."""
-    from stream.synth import traffic
-
-    with bench_topics("soakmax") as (s, t, tmp):
-        asyncio.run(produce(s, t.clicks, keyed(traffic(max_n, seed=7))))
-        with running_worker(s, tmp):
-            msgs = asyncio.run(consume_count(s, t.decisions, max_n, timeout_s))
-    decided = len({m.key for m in msgs})
-    if decided < 2:
-        raise RuntimeError("the max-throughput probe decided nothing (worker log: run bench e2e with a small n)")
-    ts = sorted(m.timestamp for m in msgs)
-    span_s = max((ts[-1] - ts[0]) / 1000.0, 1e-3)
-    return {"max_probe_clicks": max_n, "max_probe_decided": decided, "max_probe_span_s": round(span_s, 2),
-            "max_clicks_per_s": round(decided / span_s)}
 
 
 # ------------------------------------------------------------------------------------------------------ the soak
