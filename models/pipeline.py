@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MODEL = "model.onnx"
 CALIBRATION = "calibration.json"
 SPLITS = {"train": TRAIN, "val": VAL, "test": TEST}
+REFERENCE_MIN_ROWS = 50  # clicks behind a slice's reason-code reference, at least
 EXPORT_TOLERANCE = 1e-5  # max |onnxruntime - torch| accepted at export
 
 
@@ -170,15 +171,21 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
     return manifest
 
 
-def reason_reference(td: TrainingData) -> list[float]:
-    """The reason codes' reference click (``stream.scoring.reason_groups``): per feature, the median over the
-    training split's weak-labelled human clicks (all training clicks when none is labelled human)."""
+def reason_reference(td: TrainingData) -> dict[str, Any]:
+    """The reason codes' reference clicks (``stream.scoring.reason_groups``): per feature, the median over the
+    training split's weak-labelled human clicks (all training clicks when none is labelled human), overall
+    (``all``) and per slice (``slices``: a slice with fewer than ``REFERENCE_MIN_ROWS`` such clicks has none and
+    uses ``all``)."""
     tr = td.rows(TRAIN)
     human = tr & (td.label == 0)
-    rows = td.x[human] if human.any() else td.x[tr] if tr.any() else td.x
-    if not len(rows):
-        return [0.0] * td.x.shape[1]
-    return [round(float(v), 6) for v in np.median(rows, axis=0)]
+    base = human if human.any() else tr if tr.any() else np.ones(len(td.x), dtype=bool)
+
+    def median(m: np.ndarray) -> list[float]:
+        return [round(float(v), 6) for v in np.median(td.x[m], axis=0)] if m.any() else [0.0] * td.x.shape[1]
+
+    slices = {str(sl): median(base & (td.slices == sl)) for sl in sorted(set(td.slices[base].tolist()))
+              if int((base & (td.slices == sl)).sum()) >= REFERENCE_MIN_ROWS}
+    return {"all": median(base), "slices": slices}
 
 
 def train_from(td: TrainingData, cfg: TrainConfig) -> tuple[Any, dict[str, Any]]:

@@ -23,7 +23,8 @@ import numpy as np
 
 from models.metrics import rates, robotic_mask, truth_metrics
 
-COLUMNS = ("click_id", "ts", "user_key", "ip", "slice", "score", "threshold", "valid", "purchased", "robotic")
+COLUMNS = ("click_id", "ts", "user_key", "ip", "slice", "score", "threshold", "valid", "reason", "purchased",
+           "robotic")
 BATCH = 4096  # rows per onnxruntime call
 
 
@@ -89,7 +90,8 @@ def score_dataset(model_path: Path, data_dir: Path, out: Path | None = None, *, 
             "click_id": [c.click_id for c in clicks], "ts": [c.ts for c in clicks],
             "user_key": [c.user_key for c in clicks], "ip": [c.ip for c in clicks], "slice": slices.tolist(),
             "score": [d["score"] for d in dec], "threshold": [d["threshold"] for d in dec],
-            "valid": [d["valid"] for d in dec], "purchased": purchased.tolist(), "robotic": robotic.tolist()}
+            "valid": [d["valid"] for d in dec], "reason": [d["reason"] for d in dec],
+            "purchased": purchased.tolist(), "robotic": robotic.tolist()}
         write_rows(out, cols)
         summary["out"] = str(out)
     return summary

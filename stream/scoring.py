@@ -39,9 +39,14 @@ class Model:
     default_threshold: float
     thresholds: dict[str, float] = field(default_factory=dict)
     manifest: dict[str, Any] = field(default_factory=dict)
-    # reason codes: the raw feature vector of a typical human click (the manifest's ``reason_reference``), or
-    # None for a model without one (its invalid decisions name no feature groups)
+    # reason codes: the raw feature vector of a typical human click, overall (``reference``) and per slice
+    # (``slice_references``), from the manifest's ``reason_reference``; None for a model without one (its invalid
+    # decisions name no feature groups)
     reference: np.ndarray | None = None
+    slice_references: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def reference_for(self, slice_: str) -> np.ndarray | None:
+        return self.slice_references.get(slice_, self.reference)
 
     def threshold(self, slice_: str) -> float:
         return self.thresholds.get(slice_, self.default_threshold)
@@ -146,15 +151,7 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
     if active != chosen[0]:
         why = f"{chosen[0]} failed to initialise (see onnxruntime's messages above)"
     log.info("model %s scores on %s: %s", manifest.get("model_version"), active, why)
-    ref = manifest.get("reason_reference")
-    reference = None
-    if ref is not None:
-        try:
-            reference = np.asarray(ref, dtype=np.float32)
-        except (TypeError, ValueError):
-            reference = np.zeros(0, dtype=np.float32)
-        if reference.shape != (len(FEATURE_NAMES),) or not np.isfinite(reference).all():
-            raise ModelError(f"model {folder}: reason_reference is not {len(FEATURE_NAMES)} finite numbers")
+    reference, slice_refs = _references(manifest.get("reason_reference"), folder)
     return Model(
         version=str(manifest.get("model_version") or folder.name),
         folder=folder,
@@ -164,7 +161,27 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
         thresholds={k: float(v) for k, v in (calib.get("thresholds") or {}).items()},
         manifest=manifest,
         reference=reference,
+        slice_references=slice_refs,
     )
+
+
+def _references(raw: Any, folder: Path) -> tuple[np.ndarray | None, dict[str, np.ndarray]]:
+    """The manifest's ``reason_reference``: ``{"all": [F numbers], "slices": {slice: [F numbers]}}`` (or absent)."""
+    if raw is None:
+        return None, {}
+
+    def vec(v: Any, what: str) -> np.ndarray:
+        try:
+            a = np.asarray(v, dtype=np.float32)
+        except (TypeError, ValueError):
+            a = np.zeros(0, dtype=np.float32)
+        if a.shape != (len(FEATURE_NAMES),) or not np.isfinite(a).all():
+            raise ModelError(f"model {folder}: reason_reference {what} is not {len(FEATURE_NAMES)} finite numbers")
+        return a
+
+    if not isinstance(raw, dict) or not isinstance(raw.get("slices", {}), dict):
+        raise ModelError(f"model {folder}: reason_reference is not {{'all': [...], 'slices': {{...}}}}")
+    return vec(raw.get("all"), "all"), {str(k): vec(v, str(k)) for k, v in raw.get("slices", {}).items()}
 
 
 def score_batch(model: Model, matrix: np.ndarray) -> np.ndarray:
@@ -176,25 +193,31 @@ def score_batch(model: Model, matrix: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
-# Reason codes: each feature group occluded (its features set to the model's reference values) in one extra ONNX
-# call over the invalid clicks; a group's push is the score it adds over that reference. Pushes are rounded
-# before ranking so that float noise between batch compositions never reorders near-ties.
-_GROUP_MASK = np.zeros((len(FEATURE_GROUPS), len(FEATURE_NAMES)), dtype=bool)
-for _g, (_, _names) in enumerate(FEATURE_GROUPS):
+# Reason codes: each feature group occluded (its features set to the reference values of the click's slice: a
+# typical human click of that slice) in one extra ONNX call over the invalid clicks; a group's push is the score
+# it adds over that reference. Pushes are rounded before ranking so that float noise between batch compositions
+# never reorders near-ties. The slice group (logged-in, platform) is the context a click is judged in (its
+# threshold is the slice's own), never a reason: it is not occluded.
+_EXPLAINED = tuple((g, names) for g, names in FEATURE_GROUPS if g != "slice")
+_GROUP_MASK = np.zeros((len(_EXPLAINED), len(FEATURE_NAMES)), dtype=bool)
+for _g, (_, _names) in enumerate(_EXPLAINED):
     _GROUP_MASK[_g, [FEATURE_NAMES.index(n) for n in _names]] = True
-GROUP_NAMES = tuple(g for g, _ in FEATURE_GROUPS)
+GROUP_NAMES = tuple(g for g, _ in _EXPLAINED)
 REASON_GROUPS = 3  # groups named per invalid decision, at most
 _PUSH_MIN = 1e-3  # a group that moves the score by less is not named
 
 
-def reason_groups(model: Model, matrix: np.ndarray, scores: np.ndarray, rows: Sequence[int]) -> list[list[str]]:
-    """For each row index in ``rows``: up to ``REASON_GROUPS`` feature groups whose values pushed its score up
-    most against the model's reference click, largest push first (empty lists without a reference)."""
-    ref = model.reference
-    if ref is None or not len(rows):
+def reason_groups(model: Model, matrix: np.ndarray, scores: np.ndarray, rows: Sequence[int],
+                  slices: Sequence[str]) -> list[list[str]]:
+    """For each row index in ``rows`` (of the slice at the same place in ``slices``): up to ``REASON_GROUPS``
+    feature groups whose values pushed its score up most against the reference click of its slice, largest push
+    first (empty lists without a reference)."""
+    if model.reference is None or not len(rows):
         return [[] for _ in rows]
     x = np.asarray(matrix, dtype=np.float32)[list(rows)]  # [k, F]
-    occluded = np.where(_GROUP_MASK[None, :, :], ref[None, None, :], x[:, None, :])  # [k, G, F]
+    base = model.reference
+    ref = np.stack([model.slice_references.get(sl, base) for sl in slices])  # [k, F]
+    occluded = np.where(_GROUP_MASK[None, :, :], ref[:, None, :], x[:, None, :])  # [k, G, F]
     k, g = len(x), len(GROUP_NAMES)
     s_occ = score_batch(model, occluded.reshape(k * g, -1)).reshape(k, g)
     push = np.round(np.asarray(scores, dtype=np.float32)[list(rows)][:, None] - s_occ, 4)
@@ -213,6 +236,7 @@ def decision_dicts(model: Model, clicks: Sequence[Any], scores: np.ndarray, *, d
     out: list[dict[str, Any]] = []
     version = model.version
     invalid: list[int] = []
+    invalid_slices: list[str] = []
     for i, (c, s) in enumerate(zip(clicks, scores.tolist(), strict=True)):
         sl = slice_of(c.platform, c.logged_in)
         thr = model.threshold(sl)
@@ -220,6 +244,7 @@ def decision_dicts(model: Model, clicks: Sequence[Any], scores: np.ndarray, *, d
         valid = score < thr
         if not valid:
             invalid.append(i)
+            invalid_slices.append(sl)
         out.append({
             "v": 1, "click_id": c.click_id, "valid": valid, "score": score, "threshold": thr, "slice": sl,
             "model_version": version, "revision": revision, "replay_id": replay_id, "decided_at": decided_at,
@@ -227,7 +252,8 @@ def decision_dicts(model: Model, clicks: Sequence[Any], scores: np.ndarray, *, d
             "event_ts": c.ts, "advertiser_id": c.advertiser_id, "cpc": c.cpc, "degraded": degraded,
         })
     if features is not None and invalid and model.reference is not None:
-        for i, groups in zip(invalid, reason_groups(model, features, scores, invalid), strict=True):
+        reasons = reason_groups(model, features, scores, invalid, invalid_slices)
+        for i, groups in zip(invalid, reasons, strict=True):
             if groups:
                 out[i]["reason"] += "; pushed by " + ", ".join(groups)
     return out

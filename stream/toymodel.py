@@ -26,9 +26,11 @@ _REFERENCE = {"u_clicks_1m": 1.0, "u_clicks_5m": 1.0, "u_lgap_std": 1.0, "ip_use
 
 
 def build(folder: Path, *, version: str = "toy-1", threshold: float = 0.7, bias: float = -2.0,
-          feature_spec_hash: str = FEATURE_SPEC_HASH, batch_dim: str = "N", reference: bool = True) -> Path:
+          feature_spec_hash: str = FEATURE_SPEC_HASH, batch_dim: str = "N", reference: bool = True,
+          slice_references: dict[str, dict[str, float]] | None = None) -> Path:
     """Write model.onnx + calibration.json + manifest.json into ``folder``; return the folder. ``reference``:
-    give the manifest a ``reason_reference`` (reason codes)."""
+    give the manifest a ``reason_reference`` (reason codes); ``slice_references``: per slice, the features whose
+    reference differs from the overall one there."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -70,7 +72,10 @@ def build(folder: Path, *, version: str = "toy-1", threshold: float = 0.7, bias:
                 "sha256": {"model.onnx": hashlib.sha256(raw).hexdigest(),
                            "calibration.json": hashlib.sha256(cal_raw).hexdigest()}}
     if reference:
-        manifest["reason_reference"] = [_REFERENCE.get(n, 0.0) for n in FEATURE_NAMES]
+        manifest["reason_reference"] = {
+            "all": [_REFERENCE.get(n, 0.0) for n in FEATURE_NAMES],
+            "slices": {sl: [{**_REFERENCE, **over}.get(n, 0.0) for n in FEATURE_NAMES]
+                       for sl, over in (slice_references or {}).items()}}
     (folder / "manifest.json").write_bytes(orjson.dumps(manifest))
     return folder
 

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from models.config import TrainConfig
 from models.labels import TEST, TRAIN, VAL
 from models.metrics import ivr_at_fpr, rates, roc_auc, row_thresholds
-from models.pipeline import load_training_data
+from models.pipeline import REFERENCE_MIN_ROWS, load_training_data
 from tests.conftest import TALKINGDATA_CSV, needs_shared
 
 pytestmark = pytest.mark.train
@@ -145,9 +145,21 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
     assert r.exit_code == 0, r.output
     manifest = read_json(model / "manifest.json")
     assert manifest["kind"] == "mlp" and set(manifest["sha256"]) == {"model.onnx", "calibration.json"}
-    # reason codes' reference: the median of the training split's weak-labelled human clicks, per feature
+    # reason codes' references: the median of the training split's weak-labelled human clicks, per feature,
+    # overall and per slice; a slice's reference holds that slice's logged-in and platform values
+    from stream.features import FEATURE_NAMES
+
     tr_human = td.rows(TRAIN) & (td.label == 0)
-    assert manifest["reason_reference"] == pytest.approx(np.median(td.x[tr_human], axis=0).tolist(), abs=1e-5)
+    ref = manifest["reason_reference"]
+    assert ref["all"] == pytest.approx(np.median(td.x[tr_human], axis=0).tolist(), abs=1e-5)
+    counts = {sl: int((tr_human & (td.slices == sl)).sum()) for sl in set(td.slices.tolist())}
+    assert set(ref["slices"]) == {sl for sl, n in counts.items() if n >= REFERENCE_MIN_ROWS}, counts
+    assert ref["slices"], counts  # the logged-in slices have enough here (logged-out ones: purchases only)
+    for sl, v in ref["slices"].items():
+        assert v == pytest.approx(np.median(td.x[tr_human & (td.slices == sl)], axis=0).tolist(), abs=1e-5)
+        platform, _, who = sl.partition(":")
+        assert v[FEATURE_NAMES.index("logged_in")] == (1.0 if who == "in" else 0.0)
+        assert v[FEATURE_NAMES.index(f"platform_{platform}")] == 1.0
     # ~85 purchasing clicks in validation: the 50% coverage floors alone need an FPR of about 0.06 here
     r = runner.invoke(app, ["calibrate", str(model), str(small), "--fpr-budget", "0.1"])
     assert r.exit_code == 0, r.output

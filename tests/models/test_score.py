@@ -63,8 +63,8 @@ def stream_decisions(model_dir: Path, data: Path, batch: int = 37) -> list[dict]
             users[c.user_key], uf = F.update_user(users.get(c.user_key), c, (0, j))
             ips[c.ip], ipf = F.update_ip(ips.get(c.ip), c, (0, j))
             rows.append(F.assemble(c, uf, ipf, F.lookup_profile(c, profiles.get)))
-        scores = scoring.score_batch(m, np.asarray(rows, dtype=np.float32))
-        out += scoring.decision_dicts(m, chunk, scores, decided_at=0)
+        x = np.asarray(rows, dtype=np.float32)
+        out += scoring.decision_dicts(m, chunk, scoring.score_batch(m, x), decided_at=0, features=x)
     return out
 
 
@@ -81,7 +81,10 @@ def test_import_then_score_equals_the_stream(csv_file: Path, model: Path, tmp_pa
         tmp_path / "data").clicks]
     assert got["score"] == [d["score"] for d in want]
     assert got["valid"] == [d["valid"] for d in want] and got["threshold"] == [d["threshold"] for d in want]
+    # reason codes too, although slidr score batches the clicks otherwise (256 against 37 here)
+    assert got["reason"] == [d["reason"] for d in want]
     n_invalid = sum(not v for v in got["valid"])
+    assert all("; pushed by " in r for r, v in zip(got["reason"], got["valid"], strict=True) if not v)
     assert 0 < n_invalid < 600  # the threshold splits this traffic: the comparison means something
 
     assert summary["model_version"] == "toy-1" and summary["clicks"] == 600 and not summary["has_purchases"]

@@ -152,7 +152,24 @@ def test_no_reason_codes_without_a_reference_or_features(tmp_path: Path) -> None
     assert all("pushed by" not in d["reason"] for d in scoring.decision_dicts(with_ref, cs, s, decided_at=0))
     bad = toymodel.build(tmp_path / "bad")
     man = orjson.loads((bad / "manifest.json").read_bytes())
-    man["reason_reference"] = [0.0, float("nan")]
-    (bad / "manifest.json").write_bytes(orjson.dumps(man))
-    with pytest.raises(scoring.ModelError, match="reason_reference"):
-        scoring.load_model(bad)
+    for wrong in ([0.0] * F.N_FEATURES, {"all": [0.0, 1.0]}, {"all": man["reason_reference"]["all"],
+                                                              "slices": {"app:in": [float("nan")] * F.N_FEATURES}}):
+        man["reason_reference"] = wrong
+        (bad / "manifest.json").write_bytes(orjson.dumps(man))
+        with pytest.raises(scoring.ModelError, match="reason_reference"):
+            scoring.load_model(bad)
+
+
+def test_reason_codes_compare_a_click_with_humans_of_its_own_slice(tmp_path: Path) -> None:
+    """A slice whose typical human clicks faster has a faster reference: the same fast click is explained by its
+    velocity in one slice and not in the other. The slice itself (logged-in, platform) is never a reason."""
+    m = scoring.load_model(toymodel.build(tmp_path / "m", threshold=0.2,
+                                          slice_references={"mobile:out": {"u_clicks_1m": 12.0}}))
+    assert "slice" not in scoring.GROUP_NAMES and set(scoring.GROUP_NAMES) < set(dict(F.FEATURE_GROUPS))
+    by_slice = {c.slice: c for c in traffic(300, seed=6)}
+    cs = [by_slice["mobile:out"], by_slice["desktop:in"]]
+    x = _reference_rows(m, 2)
+    x[:, F.FEATURE_NAMES.index("u_clicks_1m")] = 12.0
+    x[:, F.FEATURE_NAMES.index("ip_datacenter")] = 1.0
+    ds = scoring.decision_dicts(m, cs, scoring.score_batch(m, x), decided_at=0, features=x)
+    assert [d["reason"].partition("; pushed by ")[2] for d in ds] == ["ip_datacenter", "user_velocity, ip_datacenter"]
