@@ -121,6 +121,19 @@ async def committed_offsets(s: Settings, group: str, topic: str) -> dict[int, in
         await admin.close()
 
 
+async def group_members(s: Settings, group: str) -> int:
+    """How many members the consumer group has now (the admin API's DescribeGroups)."""
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    admin = AIOKafkaAdminClient(**s.kafka_client_kwargs())
+    await admin.start()
+    try:
+        resp = await admin.describe_consumer_groups([group])
+        return sum(len(g[5]) for r in resp for g in r.groups)
+    finally:
+        await admin.close()
+
+
 async def end_offsets(s: Settings, topic: str) -> dict[int, int]:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
