@@ -45,9 +45,6 @@ class Model:
     reference: np.ndarray | None = None
     slice_references: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def reference_for(self, slice_: str) -> np.ndarray | None:
-        return self.slice_references.get(slice_, self.reference)
-
     def threshold(self, slice_: str) -> float:
         return self.thresholds.get(slice_, self.default_threshold)
 
