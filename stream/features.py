@@ -65,8 +65,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "rfm_score", "rfm_known", "account_age_days", "ip_datacenter",
 )  # fmt: skip
 N_FEATURES = len(FEATURE_NAMES)
-# Feature groups named in an invalid decision's reason (its reason codes, ``stream.scoring.reason_groups``): each
-# group is occluded as a whole, so correlated features (a key's 1 h and 24 h counts) are judged together.
+# Feature groups: an invalid decision's reason codes name them (``stream.scoring.reason_groups``; all but
+# ``slice``, the context a click is judged in) and ``slidr report --groups`` drops each in turn. A group is
+# occluded or dropped as a whole, so correlated features (a key's 1 h and 24 h counts) are judged together.
 FEATURE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("user_velocity", ("u_clicks_1m", "u_clicks_5m", "u_clicks_1h", "u_clicks_24h")),
     ("user_timing", ("u_gap_s", "u_lgap_mean", "u_lgap_std")),
