@@ -97,14 +97,15 @@ def read_feature_log(value: bytes) -> list[dict[str, Any]]:
 
 
 def _chunks(items: list[bytes], max_bytes: int) -> list[list[bytes]]:
-    """Consecutive runs of items whose joined size stays under ``max_bytes`` (an item alone may exceed it)."""
+    """Consecutive runs of items whose record ``[a,b,...]`` (brackets and commas included) is at most
+    ``max_bytes`` long (an item alone may exceed it)."""
     out: list[list[bytes]] = []
     cur: list[bytes] = []
-    size = 0
+    size = 1  # the record's length: "[" + items with a "," or the closing "]" after each
     for it in items:
         if cur and size + len(it) + 1 > max_bytes:
             out.append(cur)
-            cur, size = [], 0
+            cur, size = [], 1
         cur.append(it)
         size += len(it) + 1
     if cur:
