@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     health_stuck_after_s: float = Field(60.0, gt=0, description=(
         "`slidr health`: a worker whose input partitions have lag and whose stages completed no batch for this "
         "long is stuck (unhealthy: a Kubernetes liveness probe restarts it)."))
+    health_stuck_exit: bool = Field(True, description=(
+        "A worker stuck for health_stuck_after_s while the broker answers, or whose event loop ran no health "
+        "check for that long, stops itself without committing (exit 70) for its supervisor to restart it."))
     model_poll_s: float = Field(1.0, gt=0, description=(
         "How often a running worker checks the registry's ACTIVE model; a new one is loaded, verified and used "
         "from the next scoring batch on (hot swap)."))

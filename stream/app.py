@@ -53,7 +53,7 @@ from faust.types import TP
 from slidr.settings import Settings
 from slidr.topics import Topics, TopicSpec, changelog_topic, topic_specs
 from stream import faust_fixes, metrics
-from stream.health import CHECK_EVERY_S, Health
+from stream.health import CHECK_EVERY_S, Health, Watchdog
 from stream.scoring import Model, active_model_dir, load_model
 from stream.stages import (  # noqa: F401  (re-exported: tests and tools read records with these)
     FORWARDED,
@@ -62,6 +62,7 @@ from stream.stages import (  # noqa: F401  (re-exported: tests and tools read re
     ConsumerOps,
     IpStage,
     UserStage,
+    fail_stop,
     feature_log_record,
     ip_partition,
     read_feature_log,
@@ -240,7 +241,20 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     inputs = {t.clicks, by_user_name, by_ip_name}  # (not the changelogs: recovered, then only written)
     health = Health((users, ips), lambda: sum(n for tp, n in faust_fixes.consumer_lag(app.consumer).items()
                                               if tp.topic in inputs),
-                    lambda: bool(app.consumer.assignment()), lambda: producer().client, s.health_stuck_after_s)
+                    lambda: bool(app.consumer.assignment()), lambda: producer().client, s.health_stuck_after_s,
+                    busy=lambda: bool(app.rebalancing))
+    watchdog = Watchdog(health, lambda why: fail_stop(f"stuck: {why}"))
+
+    @app.task
+    async def start_watchdog() -> None:  # (app tasks start once the tables have recovered, as the agents do)
+        if s.health_stuck_exit:
+            health.start()
+            watchdog.start()
+
+    async def stop_watchdog(sender: Any, *args: Any, signal: Any = None, **kwargs: Any) -> None:
+        watchdog.halt.set()  # a graceful stop is not a stuck worker
+
+    app.on_before_shutdown.connect(stop_watchdog)  # type: ignore[arg-type]
 
     @app.timer(CHECK_EVERY_S)
     async def check_health() -> None:  # the verdict `slidr health` reads from /metrics (stream/health.py)

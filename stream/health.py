@@ -7,15 +7,24 @@ plus ``slidr_worker_healthy`` and the time of the verdict:
 - ``model``: the IP stage holds a loaded, verified model;
 - ``progress``: not stuck: while the stages' input partitions (clicks, by-user, by-ip; not the table changelogs,
   which hold the worker's own writes and are read only during recovery) have lag, a stage completed a batch
-  within ``health_stuck_after_s`` (settings; an idle worker with no lag is not stuck).
+  within ``health_stuck_after_s`` (settings; an idle worker with no lag is not stuck, nor one that is
+  rebalancing or recovering its tables: its inputs are paused meanwhile).
 The first verdict comes once the tables have recovered (Faust starts its timers then).
 The probe (``probe``) reads the endpoint and passes only when the verdict is healthy and fresh: a verdict older than
 ``STALE_AFTER_S`` means the event loop no longer runs the timer (blocked or dead), which is unhealthy too.
+
+The worker does not wait for a supervisor's probe to act on its own verdict (``Watchdog``, a thread: it works
+while the event loop is blocked): stuck for ``health_stuck_after_s`` while the broker answers, or no verdict for
+that long (the loop blocked), it stops the process without committing (``stages.fail_stop``, exit 70), so that
+any supervisor (Kubernetes, compose's restart policy, systemd) restarts it and the restart redelivers what it
+held. A deadlock whose cause is unknown would otherwise hold its partitions for good: the group sees a live
+member, since the consumer's heartbeats come from another thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
@@ -33,14 +42,19 @@ class Health:
     """The worker-side checks; ``stages`` expose ``batches`` (completed batches), the IP stage ``model``."""
 
     def __init__(self, stages: Sequence[Any], lag: Callable[[], int], assigned: Callable[[], bool],
-                 client: Callable[[], Any], stuck_after_s: float = 60.0) -> None:
+                 client: Callable[[], Any], stuck_after_s: float = 60.0,
+                 busy: Callable[[], bool] = lambda: False) -> None:
         self.stages = stages
         self.lag = lag
         self.assigned = assigned
         self.client = client
         self.stuck_after_s = stuck_after_s
+        self.busy = busy  # rebalancing or recovering tables: inputs paused, not stuck
         self._batches = -1
         self._moved = time.monotonic()
+        self.checked_at: float | None = None  # monotonic time of the last check (None: none yet)
+        self.broker_ok = True
+        self.last: dict[str, bool] = {}
 
     async def broker_answers(self) -> bool:
         try:
@@ -53,10 +67,11 @@ class Health:
         now = time.monotonic()
         batches = sum(st.batches for st in self.stages)
         lag = self.lag()
-        if batches != self._batches or lag == 0:
+        if batches != self._batches or lag == 0 or self.busy():
             self._batches, self._moved = batches, now
+        self.broker_ok = await self.broker_answers()
         got = {
-            "broker": await self.broker_answers(),
+            "broker": self.broker_ok,
             "assigned": self.assigned(),
             "model": all(getattr(st, "model", True) is not None for st in self.stages),
             "progress": now - self._moved <= self.stuck_after_s,
@@ -65,7 +80,44 @@ class Health:
             metrics.HEALTH_CHECK.labels(name).set(1 if ok else 0)
         metrics.HEALTHY.set(1 if all(got.values()) else 0)
         metrics.HEALTH_TIME.set(time.time())
+        self.checked_at, self.last = time.monotonic(), got
         return got
+
+    def stuck(self, now: float) -> str:
+        """Why the worker is stuck ('' when it is not): see ``Watchdog``."""
+        if self.checked_at is None:
+            return ""  # no verdict yet: starting (tables recovering), not judged
+        quiet = now - self.checked_at
+        blocked = f"no health check for {quiet:.0f} s (the event loop is blocked)"
+        if quiet > self.stuck_after_s:
+            return blocked
+        if self.broker_ok and now - self._moved > self.stuck_after_s:
+            return blocked if quiet > 2 * CHECK_EVERY_S else (
+                f"no batch completed for {now - self._moved:.0f} s while its inputs have lag "
+                f"(health_stuck_after_s {self.stuck_after_s:g})")
+        return ""
+
+    def start(self) -> None:
+        """Judge from now on (the worker's agents start): a loop blocked before the first check counts too."""
+        self.checked_at = self._moved = time.monotonic()
+
+
+class Watchdog(threading.Thread):
+    """Stops a stuck worker (module doc): ``on_stuck(reason)`` once ``health.stuck`` names a reason."""
+
+    def __init__(self, health: Health, on_stuck: Callable[[str], None], every_s: float = 1.0) -> None:
+        super().__init__(name="slidr-watchdog", daemon=True)
+        self.health = health
+        self.on_stuck = on_stuck
+        self.every_s = every_s
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        while not self.halt.wait(self.every_s):
+            why = self.health.stuck(time.monotonic())
+            if why:
+                self.on_stuck(why)
+                return
 
 
 def read_verdict(text: str) -> tuple[float | None, float | None, dict[str, float]]:

@@ -56,6 +56,7 @@ RECORD_MAX_BYTES = 512 * 1024  # by-ip and feature-log records stay under this (
 FAILPOINTS = ("user.begin", "user.write", "user.flush", "ip.begin", "ip.score", "ip.write", "ip.flush")
 EXIT_FAIL_STOP = 70
 REWIND_EVERY_S = 2.0  # a partition that jumped is sought back at most this often (Stage.in_order)
+SEEK_TIMEOUT_S = 10.0  # longest a stage waits for such a seek (the consumer's thread answers it) holding its batch
 SWEEP_PER_NEW_KEY = 3.0  # keys the sweep visits per new key a batch adds (see Stage.sweep)
 EVICT_IDLE_MS = 3_600_000  # a partition over its key bound loses keys idle for longer than this
 
@@ -241,8 +242,9 @@ class Stage:
                 if last == 0.0 or int((now - first) // 60) > int((last - first) // 60):
                     log.warning("%s: %s[%d] jumped past offset %d (messages dropped around a rebalance): fetching "
                                 "it again (waiting for it for %.0f s)", self.name, topic, p, off, now - first)
-                try:
-                    ours = await self.consumer.seek(topic, p, off)
+                try:  # bounded: a stage that held its batch while the consumer's thread waited for that batch
+                    # (a rebalance waits for in-flight events) would never finish either
+                    ours = await asyncio.wait_for(self.consumer.seek(topic, p, off), SEEK_TIMEOUT_S)
                 except Exception as e:  # never escape (sought again in a few seconds)
                     log.warning("%s: seeking %s[%d] to %d failed: %r", self.name, topic, p, off, e)
                     continue

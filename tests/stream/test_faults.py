@@ -327,6 +327,26 @@ def test_injected_stage_faults_are_retried_or_stop_the_worker(kenv: Any) -> None
     _check_counters(kenv, clicks)
 
 
+
+def test_a_worker_whose_event_loop_hangs_stops_itself_and_a_restart_decides_the_rest(kenv: Any) -> None:
+    """A stage blocks the event loop for good (a fail point that hangs, as a deadlock would): the worker's
+    watchdog stops it (exit 70, the reason logged) once ``health_stuck_after_s`` passed, committing nothing past
+    the stuck batch; a restart decides every click, each repeated decision equal to the first."""
+    clicks = _setup(kenv, 4000, seed=28)
+    log = kenv.workdir / "w.log"
+    w = _worker(kenv, log, {"SLIDR_FAILPOINTS": "ip.score@5h", "SLIDR_HEALTH_STUCK_AFTER_S": "8"})
+    try:
+        asyncio.run(K.produce(kenv.settings, kenv.topics.clicks, clicks))
+        wait_for(lambda: w.poll() is not None, 240, "the watchdog to stop the hung worker")
+        assert w.returncode == 70, log.read_text()[-3000:]
+        assert "(the event loop is blocked)" in log.read_text(), log.read_text()[-3000:]
+        w = _worker(kenv, log)
+        wait_for(all_decided(kenv, {c.click_id for c in clicks}, 0), 240, "every click decided", [w])
+    finally:
+        K.stop(w)
+    account(kenv, clicks, 0, "hung event loop, watchdog, restart")
+    _check_counters(kenv, clicks)
+
 # --- outages -----------------------------------------------------------------------------------------------
 def _own_service(s: Any, name: str) -> None:
     if not (s.home / name / f"{name}.pid").exists():

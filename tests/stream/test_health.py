@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from stream.health import probe
+from stream.health import Health, Watchdog, probe
 
 
 @pytest.fixture
@@ -65,3 +66,64 @@ def test_probe_fails_when_nothing_answers() -> None:
         port = so.getsockname()[1]
     ok, why = probe(f"http://127.0.0.1:{port}/metrics")
     assert not ok and "no answer" in why
+
+
+class _Stage:
+    batches = 0
+
+
+def _health(lag: list[int], busy: list[bool], broker: list[bool]) -> Health:
+    h = Health([_Stage()], lambda: lag[0], lambda: True, lambda: None, stuck_after_s=10.0, busy=lambda: busy[0])
+
+    async def answers() -> bool:
+        return broker[0]
+
+    h.broker_answers = answers  # type: ignore[method-assign]
+    return h
+
+
+def test_a_worker_is_stuck_without_batches_while_it_has_lag_but_not_while_rebalancing_or_cut_off() -> None:
+    lag, busy, broker = [100], [False], [True]
+    h = _health(lag, busy, broker)
+    t0 = time.monotonic()
+    assert h.stuck(t0) == ""  # no verdict yet: starting, not judged
+    asyncio.run(h.check())
+    assert h.stuck(time.monotonic()) == ""
+    h._moved -= 11  # no batch for 11 s with lag
+    assert "no batch completed" in h.stuck(time.monotonic())
+    assert asyncio.run(h.check())["progress"] is False
+    busy[0] = True  # a rebalance (tables recovering): inputs paused, the clock starts over
+    asyncio.run(h.check())
+    assert h.stuck(time.monotonic()) == ""
+    busy[0] = False
+    h._moved -= 11
+    broker[0] = False  # the broker does not answer: a restart would not help
+    asyncio.run(h.check())
+    assert h.stuck(time.monotonic()) == ""
+    broker[0] = True
+    _Stage.batches += 1  # a batch: progress again
+    asyncio.run(h.check())
+    assert h.stuck(time.monotonic()) == ""
+    lag[0] = 0
+    h._moved -= 100  # idle with no lag is never stuck
+    asyncio.run(h.check())
+    assert h.stuck(time.monotonic()) == ""
+    assert "event loop is blocked" in h.stuck(time.monotonic() + 11)  # no check for 11 s
+
+
+def test_the_watchdog_calls_on_stuck_once_with_the_reason() -> None:
+    h = _health([5], [False], [True])
+    asyncio.run(h.check())
+    h._moved -= 11
+    got: list[str] = []
+    done = threading.Event()
+    w = Watchdog(h, lambda why: (got.append(why), done.set()), every_s=0.01)
+    w.start()
+    assert done.wait(10)
+    w.join(5)
+    assert not w.is_alive() and len(got) == 1 and "no batch completed" in got[0]
+    quiet = Watchdog(_health([0], [False], [True]), got.append, every_s=0.01)
+    quiet.start()
+    quiet.halt.set()
+    quiet.join(5)
+    assert not quiet.is_alive() and len(got) == 1

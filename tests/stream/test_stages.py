@@ -225,7 +225,8 @@ def test_feature_log_records_split_until_they_fit() -> None:
 
 def test_fail_points_raise_at_the_named_hits() -> None:
     pts = faults._parse("ip.score@3,user.flush@2x2")
-    assert pts == {"ip.score": [0, 3, 3], "user.flush": [0, 2, 3]}
+    assert pts == {"ip.score": [0, 3, 3, 0], "user.flush": [0, 2, 3, 0]}
+    assert faults._parse("ip.write@4h") == {"ip.write": [0, 4, 4, 1]}  # hangs (the watchdog's fault test)
     with pytest.raises(ValueError, match="bad item"):
         faults._parse("ip.score")
     old = faults._POINTS
