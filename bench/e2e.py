@@ -1,12 +1,31 @@
-"""End-to-end throughput of one worker (clicks in -> decisions out) against two ceilings on the same broker.
+"""End-to-end throughput of one worker (clicks in -> decisions out) against two ceilings and a peer on the same broker.
 
 All run over the same pre-loaded clicks: the worker consumes a backlog of ``n`` clicks and we time first ->
 last decision (worker start-up excluded). Ceilings: a raw aiokafka passthrough consumes the same clicks and
 produces each one unchanged to another topic (one consumer + one producer, no decoding); a bare Faust agent
 (``bench/faust_bare.py``) consumes them and does nothing, which no Faust worker can beat; it runs once with our
-Faust patches and settings and once as released (``stock``). Topics get a unique
-prefix and are deleted afterwards. ``n`` is 100,000 by default: the bare agent needs a few seconds of
-clicks to measure a steady rate. ``slidr bench e2e [--set n=20000]``.
+Faust patches and settings and once as released (``stock``). The peer (``bench/peer.py``, issue 21) does the
+worker's job in Quix Streams over the same clicks (the project's decoder, feature and scoring functions; its
+module doc says where it differs); it needs the ``dev`` extra and is skipped with the reason without it
+(``--set peer=false`` skips it too). Topics get a unique prefix and are deleted afterwards. ``n`` is 100,000 by
+default: the bare agent needs a few seconds of clicks to measure a steady rate. ``slidr bench e2e [--set
+n=20000]`` (``slidr bench peer`` is the same run).
+
+Rates: ``worker_clicks_per_s`` is the worker's first -> last decision (decisions' CreateTime), as before. The
+peer and the bare agent time their first click in -> ``n``-th click out, so the worker is also timed that way
+(``worker_clicks_per_s_from_first_click``: from its first by-ip record, the end of its first user-stage batch,
+to its last decision) and ``ratio_to_peer`` compares those two: the time to a backlog's last decision. Both take a
+while (seconds, at 50,000 clicks) from their first click to their first decision (``*_first_decision_after_s``),
+so the first-to-last-decision rates (``worker_clicks_per_s``, ``peer_clicks_per_s_decision_span``, their ratio
+``ratio_to_peer_decision_span``) leave part of the work out of the window.
+
+CPU per click: the bare agent and the peer measure their own process (``time.process_time``, every thread) from
+their first click in to their ``n``-th click out. The worker's is read from ``/proc/<pid>/stat`` (user + system
+time of the worker process, every thread: Faust, aiokafka, RocksDB, onnxruntime, the Redis client) each time the
+bench's reader of the decisions topic gets decisions: the CPU between the first such reading and the last,
+over the decisions that came in between (start-up, rebalance and the first decisions' share excluded; not the
+broker's or Redis' own CPU, for none of the three). Rates are per process; the machine's other load and the
+three's order make them noisy: compare within one run.
 """
 
 from __future__ import annotations
@@ -18,7 +37,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,7 +56,8 @@ def bench_settings(tag: str, tmp: Path) -> Settings:
 
 def worker_env(s: Settings) -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"SLIDR_TOPIC_PREFIX": s.topic_prefix, "SLIDR_WORKER_ID": s.worker_id,
+    env.update({"SLIDR_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "SLIDR_PARTITIONS": str(s.partitions),
+                "SLIDR_TOPIC_PREFIX": s.topic_prefix, "SLIDR_WORKER_ID": s.worker_id,
                 "SLIDR_REDIS_KEY_PREFIX": s.redis_key_prefix, "SLIDR_HOME": str(s.home),
                 "SLIDR_REGISTRY_PATH": str(s.registry_path), "SLIDR_WORKER_WEB_PORT": "0"})
     return env
@@ -111,8 +131,10 @@ async def produce(s: Settings, topic: str, payloads: list[tuple[bytes, bytes]], 
     return time.perf_counter() - t0
 
 
-async def consume_count(s: Settings, topic: str, n: int, timeout_s: float) -> list[Any]:
-    """Read ``topic`` from the start until ``n`` distinct keys arrived; return the messages."""
+async def consume_count(s: Settings, topic: str, n: int, timeout_s: float,
+                        on_batch: Callable[[int], None] | None = None) -> list[Any]:
+    """Read ``topic`` from the start until ``n`` distinct keys arrived; return the messages. ``on_batch(keys)``
+    after each fetch that brought messages (the distinct keys so far)."""
     from aiokafka import AIOKafkaConsumer
 
     c = AIOKafkaConsumer(topic, group_id=None, auto_offset_reset="earliest", **s.kafka_client_kwargs())
@@ -122,9 +144,13 @@ async def consume_count(s: Settings, topic: str, n: int, timeout_s: float) -> li
     t_end = time.monotonic() + timeout_s
     try:
         while len(keys) < n and time.monotonic() < t_end:
+            got = False
             for batch in (await c.getmany(timeout_ms=200, max_records=50_000)).values():
                 msgs.extend(batch)
                 keys.update(m.key for m in batch)
+                got = got or bool(batch)
+            if got and on_batch is not None:
+                on_batch(len(keys))
     finally:
         await c.stop()
     return msgs
@@ -155,12 +181,57 @@ async def passthrough(s: Settings, src: str, dst: str, n: int) -> float:
         await p.stop()
 
 
-def faust_bare(s: Settings, topic: str, n: int, timeout_s: float, stock: bool = False) -> dict[str, Any]:
-    """Run bench/faust_bare.py over ``topic`` in its own process (``stock``: Faust as released); its result."""
+async def first_timestamp_ms(s: Settings, topic: str, timeout_s: float = 10.0) -> int | None:
+    """The earliest record timestamp of ``topic`` (``s.partitions`` partitions, the first record of each; None:
+    it is empty)."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    c = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **s.kafka_client_kwargs())
+    await c.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in range(s.partitions)]
+        ends = await c.end_offsets(tps)
+        todo = {tp for tp in tps if ends[tp] > 0}
+        first: list[int] = []
+        if todo:
+            c.assign(list(todo))
+            await c.seek_to_beginning(*todo)
+        t_end = time.monotonic() + timeout_s
+        while todo and time.monotonic() < t_end:
+            for tp, batch in (await c.getmany(*todo, timeout_ms=200, max_records=1)).items():
+                if batch and tp in todo:
+                    first.append(batch[0].timestamp)
+                    todo.discard(tp)
+                    c.pause(tp)
+        return min(first) if first else None
+    finally:
+        await c.stop()
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of a process so far, all its threads (``/proc/<pid>/stat``; None without it)."""
+    try:
+        f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime: fields 14 and 15
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_per_click_us(marks: list[tuple[int, float | None]]) -> float | None:
+    """CPU microseconds per decision between the first and the last (decisions seen, process CPU) reading."""
+    if len(marks) < 2 or marks[0][1] is None or marks[-1][1] is None or marks[-1][0] <= marks[0][0]:
+        return None
+    return round(1e6 * (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0]), 1)
+
+
+def faust_bare(s: Settings, topic: str, n: int, timeout_s: float, stock: bool = False,
+               tmp: Path | None = None) -> dict[str, Any]:
+    """Run bench/faust_bare.py over ``topic`` in its own process (``stock``: Faust as released); its result.
+    ``tmp``: its temporary folders go there (it exits without removing its data folder)."""
     import orjson
 
     cmd = [sys.executable, "-m", "bench.faust_bare", topic, str(n)] + (["--stock"] if stock else [])
-    out = subprocess.run(cmd, env=worker_env(s),
+    out = subprocess.run(cmd, env={**worker_env(s), **({"TMPDIR": str(tmp)} if tmp else {})},
                          capture_output=True, timeout=timeout_s)
     for line in out.stdout.decode().splitlines()[::-1]:
         if line.startswith("{"):
@@ -181,9 +252,11 @@ async def drop_topics(s: Settings) -> None:
         await admin.close()
 
 
-def run(n: int = 100_000, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
+def run(n: int = 100_000, timeout_s: float = 300.0, peer: bool = True, **opts: Any) -> dict[str, Any]:
+    from bench import peer as quix_peer
     from slidr.services import create_topics_async
     from slidr.topics import TopicSpec
+    from stream import toymodel
     from stream.synth import traffic
 
     with bench_topics("e2e") as (s, t, tmp):
@@ -191,25 +264,59 @@ def run(n: int = 100_000, timeout_s: float = 300.0, **opts: Any) -> dict[str, An
         clicks = traffic(n, seed=7)
         asyncio.run(produce(s, t.clicks, keyed(clicks)))
         ceiling_s = asyncio.run(passthrough(s, t.clicks, f"{s.topic_prefix}.passthrough", n))
-        bare = faust_bare(s, t.clicks, n, timeout_s)
-        stock = faust_bare(s, t.clicks, n, timeout_s, stock=True)
-        with running_worker(s, tmp):
-            msgs = asyncio.run(consume_count(s, t.decisions, n, timeout_s))
+        bare = faust_bare(s, t.clicks, n, timeout_s, tmp=tmp)
+        stock = faust_bare(s, t.clicks, n, timeout_s, stock=True, tmp=tmp)
+        if peer:
+            toymodel.build_registry(s.registry_path, version="toy-bench")  # (the model the worker loads)
+            quix = quix_peer.measure(s, t.clicks, n, timeout_s, state_dir=str(tmp))
+        else:
+            quix = {"skipped": "peer=false"}
+        marks: list[tuple[int, float | None]] = []  # (decisions seen, the worker's CPU seconds then)
+        with running_worker(s, tmp) as w:
+            msgs = asyncio.run(consume_count(s, t.decisions, n, timeout_s,
+                                             on_batch=lambda k: marks.append((k, process_cpu_s(w.pid)))))
+        # the worker's first by-ip record: the end of its first user-stage batch (its first clicks in)
+        first_in = asyncio.run(first_timestamp_ms(s, f"{s.topic_prefix}.by-ip"))
         decided = len({m.key for m in msgs})
         ts = sorted(m.timestamp for m in msgs)  # producer CreateTime of each decision, ms
         span_s = max((ts[-1] - ts[0]) / 1000.0, 1e-3) if ts else float("nan")
     if not decided:
         raise RuntimeError("the worker decided nothing (see its log: run with a smaller n to debug)")
     worker_rate = decided / span_s
+    # first click in -> last decision out, the peer's (and the bare agent's) basis
+    worker_rate_in = decided / max((ts[-1] - first_in) / 1000.0, 1e-3) if first_in is not None else None
     ceiling_rate = n / ceiling_s
-    return {"clicks": n, "decided": decided, "partitions": s.partitions, "cpu_cores": os.cpu_count(),
-            "worker_clicks_per_s": round(worker_rate), "worker_first_to_last_decision_s": round(span_s, 2),
-            "passthrough_clicks_per_s": round(ceiling_rate), "ratio_to_ceiling": round(worker_rate / ceiling_rate, 3),
-            "faust_bare_agent_clicks_per_s": bare["events_per_s"],
-            "faust_bare_agent_cpu_us_per_click": bare["cpu_us_per_event"],
-            "ratio_to_faust_bare": round(worker_rate / bare["events_per_s"], 3),
-            "faust_bare_agent_stock_clicks_per_s": stock["events_per_s"],
-            "faust_bare_agent_stock_cpu_us_per_click": stock["cpu_us_per_event"]}
+    worker_cpu = cpu_per_click_us(marks)
+    out = {"clicks": n, "decided": decided, "partitions": s.partitions, "cpu_cores": os.cpu_count(),
+           "worker_clicks_per_s": round(worker_rate), "worker_first_to_last_decision_s": round(span_s, 2),
+           "worker_clicks_per_s_from_first_click": round(worker_rate_in) if worker_rate_in else None,
+           "worker_first_decision_after_s": round((ts[0] - first_in) / 1000.0, 3) if first_in is not None else None,
+           "worker_cpu_us_per_click": worker_cpu,
+           "passthrough_clicks_per_s": round(ceiling_rate), "ratio_to_ceiling": round(worker_rate / ceiling_rate, 3),
+           "faust_bare_agent_clicks_per_s": bare["events_per_s"],
+           "faust_bare_agent_cpu_us_per_click": bare["cpu_us_per_event"],
+           "ratio_to_faust_bare": round(worker_rate / bare["events_per_s"], 3),
+           "worker_cpu_ratio_to_faust_bare": round(worker_cpu / bare["cpu_us_per_event"], 2) if worker_cpu else None,
+           "faust_bare_agent_stock_clicks_per_s": stock["events_per_s"],
+           "faust_bare_agent_stock_cpu_us_per_click": stock["cpu_us_per_event"]}
+    if "skipped" in quix:
+        out["peer"] = f"skipped: {quix['skipped']}"
+    else:
+        out.update({"peer": "quixstreams " + quix_version(),
+                    "peer_clicks_per_s": quix["events_per_s"], "peer_cpu_us_per_click": quix["cpu_us_per_event"],
+                    "peer_first_decision_after_s": quix["first_decision_after_s"],
+                    "peer_clicks_per_s_decision_span": quix["decisions_per_s"],
+                    "ratio_to_peer": round((worker_rate_in or worker_rate) / quix["events_per_s"], 3),
+                    "ratio_to_peer_decision_span": round(worker_rate / quix["decisions_per_s"], 3),
+                    "worker_cpu_ratio_to_peer":
+                        round(worker_cpu / quix["cpu_us_per_event"], 2) if worker_cpu else None})
+    return out
+
+
+def quix_version() -> str:
+    from importlib.metadata import version
+
+    return version("quixstreams")
 
 
 def max_throughput(max_n: int, timeout_s: float) -> dict[str, Any]:
