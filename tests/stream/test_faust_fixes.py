@@ -272,3 +272,12 @@ def test_a_message_of_an_earlier_generation_is_never_counted_as_acked() -> None:
     assert Consumer.ack(c, fresh) is True and c._acked[TP] == [100]
     assert Consumer._new_offset(c, TP) == 101
 
+
+
+def test_the_app_runs_without_faust_s_per_event_monitor_sensor(tmp_path: Any) -> None:
+    import faust
+
+    app = faust.App("t-sensors", broker="kafka://127.0.0.1:1", datadir=str(tmp_path), web_enabled=False)
+    list(app.on_init_dependencies())
+    assert app.monitor not in set(app.sensors)  # (point 4: our metrics are per batch)
+    assert app.monitor is not None  # still there for the consumer's direct calls
