@@ -88,9 +88,6 @@ class Settings(BaseSettings):
         "from the memtables; the cache serves keys flushed to disk."))
     score_batch_within_s: float = Field(0.01, gt=0, description=(
         "Longest a click waits in the user stage's buffer before it is forwarded to scoring."))
-    state_cache_keys: int = Field(10_000, ge=0, description=(
-        "States each stage keeps decoded between batches (the keys written last; about 5 KB each): a key clicked "
-        "again skips a RocksDB read and a JSON parse. 0: off."))
     redis_timeout_s: float = Field(0.25, gt=0, description=(
         "Longest the IP stage waits for the profile cache (one MGET per scoring batch). Past it, or when Redis is "
         "unreachable, the batch is scored in degraded mode (profile features missing, decisions flagged "

@@ -199,12 +199,8 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         def current(self, message: Any) -> bool:
             return faust_fixes.current(app.consumer, message)
 
-        def generation(self) -> int:
-            return int(app.consumer_generation_id or 0)
-
-    users = UserStage(s, t, TableWriter(table(USERS_TABLE), s.state_cache_keys), producer, by_user_name, by_ip_name,
-                      Ops())
-    ips = IpStage(s, t, TableWriter(table(IPS_TABLE), s.state_cache_keys), producer, w.by_ip_in, model, Ops())
+    users = UserStage(s, t, TableWriter(table(USERS_TABLE)), producer, by_user_name, by_ip_name, Ops())
+    ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, w.by_ip_in, model, Ops())
 
     @app.agent(user_in, concurrency=1)
     async def user_stage(stream: Any) -> None:

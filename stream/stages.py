@@ -150,10 +150,6 @@ class ConsumerOps:
         """Whether the message was fetched under the consumer's current assignment (not before a rebalance)."""
         return True
 
-    def generation(self) -> int:
-        """The consumer group's current generation (it changes with every rebalance)."""
-        return 0
-
 
 class Stage:
     """What both stages share: a publisher, a table writer and the retry loop around one batch step."""
@@ -230,7 +226,6 @@ class Stage:
         await self.run([])
 
     async def _run(self, events: list[Any]) -> None:
-        self.writer.forget(self.consumer.generation())  # cached states hold for one generation (a rebalance)
         events, rewind = self.in_order(events)
         # new jumps, and partitions still awaited since an earlier one (sought again every few seconds, also
         # when no event of theirs comes: the fetch from the sought offset may never have started)

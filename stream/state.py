@@ -13,7 +13,6 @@ and its outputs are in Kafka already: it is a copy, and nothing is sent again (`
 from __future__ import annotations
 
 from functools import partial
-from itertools import islice
 from types import SimpleNamespace
 from typing import Any
 
@@ -62,16 +61,9 @@ class TableWriter:
     offset up to which the store holds the changelog (as Faust's own ``_on_changelog_sent`` does), so a restart
     replays only newer changelog records. ``sweep`` deletes keys idle for longer than the state's TTL
     (``features.is_expired``), a slice of a partition at a time. ``discard`` drops what a failed batch put.
-
-    ``cache_keys`` > 0 keeps the states of the keys written last decoded between batches (up to that many, the
-    least recently written dropped first): a key clicked again reads its state without a RocksDB read and a
-    JSON parse (the worker's largest single cost: bench e2e's profile, issue 21). The cache holds exactly what
-    the store holds after ``write``. A state handed out by ``get`` is the cached object, which the batch's
-    update mutates: ``discard`` (a failed batch) and ``forget`` (a rebalance: another worker may have written a
-    partition since) empty it.
     """
 
-    def __init__(self, table: Any, cache_keys: int = 0) -> None:
+    def __init__(self, table: Any) -> None:
         self.store = table.data  # faust.stores.rocksdb.Store
         self.topic: str = table.changelog_topic.get_topic_name()
         self.pending: dict[tuple[int, bytes], F.State | None] = {}
@@ -79,17 +71,10 @@ class TableWriter:
         self.absent: set[tuple[int, bytes]] = set()  # keys read since the last write that the store lacks
         self.count: dict[int, int] = {}  # partition -> keys in the store (RocksDB's estimate, then kept exact)
         self.evicted = 0  # keys deleted before their TTL because their partition was over its bound
-        self.cache_keys = cache_keys
-        self.cache: dict[tuple[int, bytes], F.State] = {}  # (partition, key) -> state as written (oldest first)
-        self.generation: int | None = None  # the consumer group generation the cache is valid for
 
     def get(self, partition: int, key: bytes) -> F.State | None:
         v = self.pending.get((partition, key), _MISSING)
         if v is _MISSING:
-            if self.cache:
-                c = self.cache.get((partition, key))
-                if c is not None:
-                    return c
             raw = self.store._db_for_partition(partition).get(key)
             if raw is None:
                 self.absent.add((partition, key))
@@ -117,20 +102,9 @@ class TableWriter:
         self.pending[(partition, key)] = state
 
     def discard(self) -> None:
-        """Forget every put since the last write (a failed batch: its events are taken again), and the cached
-        states (the batch may have mutated some)."""
+        """Forget every put since the last write (a failed batch: its events are taken again)."""
         self.pending = {}
         self.absent = set()
-        self.cache = {}
-
-    def uncache(self, partition: int, key: bytes) -> None:
-        self.cache.pop((partition, key), None)
-
-    def forget(self, generation: int) -> None:
-        """Empty the cache when the consumer group's generation changed (a rebalance)."""
-        if generation != self.generation:
-            self.cache = {}
-            self.generation = generation
 
     def sweep(self, partition: int, now_ms: int, visit: int, evict_before_ms: int | None = None) -> None:
         """Delete the keys of ``partition`` idle at event time ``now_ms``, visiting at most ``visit`` keys from
@@ -169,13 +143,8 @@ class TableWriter:
         pending, self.pending = self.pending, {}
         absent, self.absent = self.absent, set()
         batches: dict[int, Any] = {}
-        cache = self.cache if self.cache_keys > 0 else None
         for (p, k), st in pending.items():
             new = (p, k) in absent
-            if cache is not None:
-                cache.pop((p, k), None)  # (re)inserted last: the most recently written
-                if st is not None:
-                    cache[(p, k)] = st
             self.count[p] = self.keys(p) + (1 if st is not None and new else -1 if st is None and not new else 0)
             wb = batches.get(p)
             if wb is None:
@@ -189,9 +158,6 @@ class TableWriter:
                 pub.add(self.topic, k, v, partition=p)
         for p, wb in batches.items():
             self.store._db_for_partition(p).write(wb)
-        if cache is not None and len(cache) > self.cache_keys:
-            for pk in list(islice(cache, len(cache) - self.cache_keys)):
-                del cache[pk]
 
     def persisted(self, sent: list[tuple[str, int, int, Any]]) -> None:
         for topic, p, n, fut in sent:
@@ -232,11 +198,7 @@ def apply(cl: TableWriter, partition: int, key: bytes, c: F.ClickLike, src: tupl
         if check_id and c.click_id in st.get("ids", ()):
             stats.duplicate_ids += 1
             return DUPLICATE_ID
-    try:
-        st, feats = update(st, c, src)
-    except Exception:  # the state may be half-updated: a cached copy must not outlive it
-        cl.uncache(partition, key)
-        raise
+    st, feats = update(st, c, src)
     if check_id:
         st["ids"] = [*st.get("ids", ())[-(RECENT_IDS - 1):], c.click_id]
     cl.put(partition, key, st)

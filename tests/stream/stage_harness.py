@@ -52,7 +52,7 @@ class Collector:
         return []
 
 
-def table_writer(folder: Path, name: str, cache_keys: int = 0) -> tuple[TableWriter, dict[int, rocksdict.Rdict]]:
+def table_writer(folder: Path, name: str) -> tuple[TableWriter, dict[int, rocksdict.Rdict]]:
     """A TableWriter over real RocksDB databases (one per partition), as Faust's store would hold them."""
     dbs: dict[int, rocksdict.Rdict] = {}
 
@@ -63,7 +63,7 @@ def table_writer(folder: Path, name: str, cache_keys: int = 0) -> tuple[TableWri
 
     store = SimpleNamespace(_db_for_partition=db_for, set_persisted_offset=lambda tp, o: None)
     table = SimpleNamespace(data=store, changelog_topic=SimpleNamespace(get_topic_name=lambda: f"{name}-changelog"))
-    return TableWriter(table, cache_keys), dbs
+    return TableWriter(table), dbs
 
 
 class Harness:
@@ -73,8 +73,8 @@ class Harness:
         self.t = Topics("h")
         toymodel.build_registry(folder / "registry", version="toy-h", threshold=0.7)
         model = load_model(folder / "registry" / "toy-h")
-        uw, self.user_dbs = table_writer(folder, "users", self.s.state_cache_keys)
-        iw, self.ip_dbs = table_writer(folder, "ips", self.s.state_cache_keys)
+        uw, self.user_dbs = table_writer(folder, "users")
+        iw, self.ip_dbs = table_writer(folder, "ips")
         self.users = UserStage(self.s, self.t, uw, lambda: None, "h.by-user", "h.by-ip")
         self.ips = IpStage(self.s, self.t, iw, lambda: None, "h.by-ip", model)
         self.users.out = Collector(self.s.partitions)  # type: ignore[assignment]

@@ -6,7 +6,6 @@ import asyncio
 from pathlib import Path
 
 import orjson
-import pytest
 import rocksdict
 
 from schemas.events import Click
@@ -86,51 +85,6 @@ def test_sweep_deletes_idle_keys_going_round_the_partition(tmp_path: Path) -> No
         assert batch.record_count() == len(idle)  # one tombstone per deleted key
         cl.sweep(0, now, 1000)  # nothing left to delete; a budget larger than the partition stops after a round
         assert not cl.pending
-        await prod.stop()
-
-    asyncio.run(main())
-
-
-def test_the_state_cache_holds_what_the_store_holds_and_empties_when_it_may_not(tmp_path: Path) -> None:
-    async def main() -> None:
-        from aiokafka import AIOKafkaProducer
-
-        from stream.state import Stats, apply
-
-        prod = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
-        cl, dbs = table_writer(tmp_path, "t", cache_keys=3)
-        cl.forget(0)  # the consumer's generation as the stage starts
-        keys = [f"k{i}".encode() for i in range(5)]
-        for i, k in enumerate(keys):
-            cl.put(0, k, F.update_user(None, click(i, T0 + i))[0])
-        cl.write(Publisher(lambda: prod, lambda topic: 1))
-        assert list(cl.cache) == [(0, k) for k in keys[2:]]  # the 3 written last
-        for k in keys:
-            assert orjson.loads(dbs[0][k]) == (cl.cache.get((0, k)) or orjson.loads(dbs[0][k]))
-        st = cl.get(0, keys[4])
-        assert st is cl.cache[(0, keys[4])]  # no read, no parse
-        st["g"] = -1.0  # a batch mutates it, then fails
-        cl.discard()
-        assert cl.get(0, keys[4]) == orjson.loads(dbs[0][keys[4]]) and not cl.cache
-        cl.put(0, keys[0], None)  # a delete leaves the cache too
-        cl.put(0, keys[1], cl.get(0, keys[1]))
-        cl.write(Publisher(lambda: prod, lambda topic: 1))
-        assert list(cl.cache) == [(0, keys[1])] and keys[0] not in dbs[0]
-        cl.forget(0)
-        assert cl.cache  # same generation: kept
-        cl.forget(1)
-        assert not cl.cache  # a rebalance: another worker may have written the partition since
-        cl.put(0, keys[2], cl.get(0, keys[2]))
-        cl.write(Publisher(lambda: prod, lambda topic: 1))
-
-        def boom(state: F.State | None, c: object, src: object) -> tuple[F.State, list[float]]:
-            assert state is not None
-            state["g"] = -2.0  # half-updated, then fails
-            raise ValueError("bad click")
-
-        with pytest.raises(ValueError):
-            apply(cl, 0, keys[2], click(9, T0 + 9), (0, 9), boom, Stats())
-        assert (0, keys[2]) not in cl.cache and cl.get(0, keys[2]) == orjson.loads(dbs[0][keys[2]])
         await prod.stop()
 
     asyncio.run(main())

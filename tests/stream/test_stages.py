@@ -243,27 +243,3 @@ def test_fail_points_raise_at_the_named_hits() -> None:
         faults.hit("not.named")  # unnamed points never raise
     finally:
         faults._POINTS = old
-
-
-def test_cached_states_give_the_decisions_and_tables_of_uncached_ones(tmp_path: Path) -> None:
-    from tests.stream.helpers import traffic
-    from tests.stream.stage_harness import Harness
-
-    def same(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if k != "decided_at"}
-
-    first = traffic(2000, seed=5)
-    later = [c.model_copy(update={"click_id": "b" + c.click_id, "ts": c.ts + 2 * F.DAY_MS})  # past the TTL: fresh
-             for c in traffic(1000, seed=6)]  # states (new objects), the old ones swept (deleted)
-    clicks = first + later
-    runs = []
-    for n in (0, 40):  # off, and a cache far smaller than the keys (evictions all along)
-        h = Harness(tmp_path / f"c{n}", state_cache_keys=n)
-        for i in range(0, len(clicks), 250):
-            h.feed(clicks[i:i + 250])
-        tables = {t: {k: v for db in (h.user_dbs if t == "users" else h.ip_dbs).values() for k, v in db.items()}
-                  for t in ("users", "ips")}
-        runs.append(({k: same(v) for k, v in h.decisions().items()}, tables))
-        if n:
-            assert 0 < len(h.users.writer.cache) <= n
-    assert runs[0] == runs[1] and len(runs[0][0]) == 3000
