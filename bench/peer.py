@@ -126,18 +126,9 @@ async def create_peer_topics(s: Settings) -> None:
 
 async def drop_internal_topics(s: Settings) -> list[str]:
     """Delete the changelog and repartition topics Quix created for the peer (they do not carry the prefix)."""
-    from aiokafka.admin import AIOKafkaAdminClient
+    from slidr.services import drop_topics_async
 
-    pt = PeerTopics(s.topic_prefix)
-    admin = AIOKafkaAdminClient(**s.kafka_client_kwargs())
-    await admin.start()
-    try:
-        names = [t for t in await admin.list_topics() if pt.internal(t)]
-        if names:
-            await admin.delete_topics(names)
-        return names
-    finally:
-        await admin.close()
+    return await drop_topics_async(s, PeerTopics(s.topic_prefix).internal)
 
 
 def connection(s: Settings) -> Any:

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -307,14 +307,16 @@ def create_topics(s: Settings, prefix: str | None = None) -> list[str]:
     return asyncio.run(create_topics_async(s, topic_specs(s, prefix)))
 
 
-async def drop_topics_async(s: Settings, prefix: str) -> list[str]:
-    """Delete every topic whose name starts with ``prefix`` (a test's or a demo run's); return them."""
+async def drop_topics_async(s: Settings, prefix: str | Callable[[str], bool]) -> list[str]:
+    """Delete every topic whose name starts with ``prefix`` (a test's or a demo run's), or that ``prefix`` picks
+    when it is a function of the name; return them."""
     from aiokafka.admin import AIOKafkaAdminClient
 
+    picks = prefix if callable(prefix) else (lambda t: t.startswith(prefix))
     admin = AIOKafkaAdminClient(**s.kafka_client_kwargs())
     await admin.start()
     try:
-        names = [t for t in await admin.list_topics() if t.startswith(prefix)]
+        names = [t for t in await admin.list_topics() if picks(t)]
         if names:
             await admin.delete_topics(names)
         return names
