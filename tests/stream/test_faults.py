@@ -340,6 +340,10 @@ def test_a_worker_whose_event_loop_hangs_stops_itself_and_a_restart_decides_the_
         wait_for(lambda: w.poll() is not None, 240, "the watchdog to stop the hung worker")
         assert w.returncode == 70, log.read_text()[-3000:]
         assert "(the event loop is blocked)" in log.read_text(), log.read_text()[-3000:]
+        # a supervisor restarts after a backoff; a restart within the stopped member's session (it left without
+        # a word) stalled once in a fresh-clone run, the race issue 12 keeps open (see stop 24's closing note)
+        wait_for(lambda: asyncio.run(K.group_members(kenv.settings, kenv.group)) == 0, 120,
+                 "the stopped worker's session to expire")
         w = _worker(kenv, log)
         wait_for(all_decided(kenv, {c.click_id for c in clicks}, 0), 240, "every click decided", [w])
     finally:
