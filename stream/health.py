@@ -6,7 +6,8 @@ plus ``slidr_worker_healthy`` and the time of the verdict:
 - ``assigned``: the consumer group gave this worker partitions (a worker beyond the partition count has none);
 - ``model``: the IP stage holds a loaded, verified model;
 - ``progress``: not stuck: while the stages' input partitions (clicks, by-user, by-ip; not the table changelogs,
-  which hold the worker's own writes and are read only during recovery) have lag, a stage completed a batch
+  which hold the worker's own writes and are read only during recovery) have lag, or a stage awaits a partition
+  fetched again after a jump (``Stage.rewinding``), or has a batch in progress, a stage completed a batch
   within ``health_stuck_after_s`` (settings; an idle worker with no lag is not stuck, nor one that is
   rebalancing or recovering its tables: its inputs are paused meanwhile).
 The first verdict comes once the tables have recovered (Faust starts its timers then).
@@ -66,8 +67,11 @@ class Health:
     async def check(self) -> dict[str, bool]:
         now = time.monotonic()
         batches = sum(st.batches for st in self.stages)
-        lag = self.lag()
-        if batches != self._batches or lag == 0 or self.busy():
+        # work pending: input lag (Faust's read offsets), partitions a stage awaits since a jump (their events were
+        # read and refused: no lag shows them), a batch in progress (one that never ends holds the stage's lock)
+        pending = self.lag() + sum(len(getattr(st, "rewinding", ())) for st in self.stages) + sum(
+            1 for st in self.stages if getattr(st, "batch_since", None) is not None)
+        if batches != self._batches or pending == 0 or self.busy():
             self._batches, self._moved = batches, now
         self.broker_ok = await self.broker_answers()
         got = {
@@ -93,8 +97,8 @@ class Health:
             return blocked
         if self.broker_ok and now - self._moved > self.stuck_after_s:
             return blocked if quiet > 2 * CHECK_EVERY_S else (
-                f"no batch completed for {now - self._moved:.0f} s while its inputs have lag "
-                f"(health_stuck_after_s {self.stuck_after_s:g})")
+                f"no batch completed for {now - self._moved:.0f} s while it has work pending (input lag, a partition "
+                f"awaited since a jump, or a batch in progress; health_stuck_after_s {self.stuck_after_s:g})")
         return ""
 
     def start(self) -> None:

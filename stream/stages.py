@@ -174,6 +174,7 @@ class Stage:
         self.rewinding: dict[tuple[str, int, int], tuple[float, float]] = {}  # (first, last) seek per jump
         self.rewinds = 0
         self.lock = asyncio.Lock()
+        self.batch_since: float | None = None  # when the batch in progress began (None: none)
 
     def in_order(self, events: list[Any]) -> tuple[list[Any], list[tuple[str, int, int]]]:
         """The events this stage may handle now, and the partitions to fetch again from where.
@@ -212,7 +213,11 @@ class Stage:
     async def run(self, events: list[Any]) -> None:
         """One batch, all or nothing, retried (see the module doc). Never raises."""
         async with self.lock:  # the agent's batches and the IP stage's timer (``tick``) take turns
-            await self._run(events)
+            self.batch_since = time.monotonic()  # (the health verdict: a batch that never ends is stuck)
+            try:
+                await self._run(events)
+            finally:
+                self.batch_since = None
 
     def intake(self, events: list[Any]) -> None:
         """Take what the events bring before the batch step (once, not retried; the IP stage holds clicks)."""
