@@ -155,6 +155,19 @@ def supervised(kenv: Any, log: Path, ws: list[Any], cond: Callable[[], bool], ti
     raise AssertionError(f"timed out waiting for {what} ({restarts} restart(s))")
 
 
+def restart_once_dropped(kenv: Any, log: Path, clicks: list[Click]) -> Any:
+    """Restart a worker that stopped itself once the group has dropped it, and supervise it until every click is
+    decided; the last worker process (stopped by the caller)."""
+    wait_for(lambda: asyncio.run(K.group_members(kenv.settings, kenv.group)) == 0, 120,
+             "the stopped worker's session to expire")
+    ws = [_worker(kenv, log)]
+    try:
+        supervised(kenv, log, ws, all_decided(kenv, {c.click_id for c in clicks}, 0), 360, "every click decided")
+    finally:
+        K.stop(ws[0])
+    return ws[0]
+
+
 def all_decided(kenv: Any, ids: set[str], n_dead: int) -> Callable[[], bool]:
     def cond() -> bool:
         r = asyncio.run(K.read_until(kenv.settings, [kenv.topics.decisions, kenv.topics.dead_letters],
@@ -363,13 +376,7 @@ def test_a_worker_whose_event_loop_hangs_stops_itself_and_a_restart_decides_the_
         assert "(the event loop is blocked)" in log.read_text(), log.read_text()[-3000:]
         # a supervisor restarts after a backoff; a restart within the stopped member's session (it left without
         # a word) stalled once in a fresh-clone run, the race issue 12 keeps open (see stop 24's closing note)
-        wait_for(lambda: asyncio.run(K.group_members(kenv.settings, kenv.group)) == 0, 120,
-                 "the stopped worker's session to expire")
-        ws = [_worker(kenv, log)]
-        try:
-            supervised(kenv, log, ws, all_decided(kenv, {c.click_id for c in clicks}, 0), 360, "every click decided")
-        finally:
-            w = ws[0]
+        w = restart_once_dropped(kenv, log, clicks)
     finally:
         K.stop(w)
     account(kenv, clicks, 0, "hung event loop, watchdog, restart")
@@ -504,17 +511,10 @@ def test_a_refused_record_batch_stops_the_worker_without_committing_past_it(kenv
         ends = asyncio.run(K.end_offsets(s, kenv.topics.clicks))
         assert sum(committed.values()) < sum(ends.values()), (committed, ends)  # not committed past it
         asyncio.run(set_limit(1_048_588))
-        # the stopped worker left the group without a word (exit 70): restart once its session has expired, so
-        # that this test checks what a refused batch leaves behind, not a restart racing that expiry's
-        # rebalance (the SIGKILL tests cover that race; here it once left a restarted worker stalled, see
-        # the closing note of stop 23)
-        wait_for(lambda: asyncio.run(K.group_members(s, kenv.group)) == 0, 120, "the stopped worker's session to "
-                 "expire")
-        ws = [_worker(kenv, log)]
-        try:
-            supervised(kenv, log, ws, all_decided(kenv, {c.click_id for c in clicks}, 0), 360, "every click decided")
-        finally:
-            w = ws[0]
+        # restart once the stopped worker (exit 70, gone without a word) has left the group, so that this test
+        # checks what a refused batch leaves behind, not a restart racing that expiry's rebalance (the SIGKILL
+        # tests cover that race; here it left a restarted worker stalled, see the closing notes of stops 23, 24)
+        w = restart_once_dropped(kenv, log, clicks)
     finally:
         K.stop(w)
     account(kenv, clicks, 0, "refused record batch, then a restart")
