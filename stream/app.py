@@ -52,7 +52,7 @@ from faust.types import TP
 
 from slidr.settings import Settings
 from slidr.topics import Topics, TopicSpec, changelog_topic, topic_specs
-from stream import faust_fixes, metrics
+from stream import diagnose, faust_fixes, metrics
 from stream.health import CHECK_EVERY_S, Health, Watchdog
 from stream.scoring import Model, active_model_dir, load_model
 from stream.stages import (  # noqa: F401  (re-exported: tests and tools read records with these)
@@ -243,11 +243,18 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                                               if tp.topic in inputs),
                     lambda: bool(app.consumer.assignment()), lambda: producer().client, s.health_stuck_after_s,
                     busy=lambda: bool(app.rebalancing))
-    watchdog = Watchdog(health, lambda why: fail_stop(f"stuck: {why}"))
+    loop: list[asyncio.AbstractEventLoop] = []
+
+    def stuck(why: str) -> None:
+        log.critical("%s", diagnose.report(app, (users, ips), loop[0] if loop else None))
+        fail_stop(f"stuck: {why}")
+
+    watchdog = Watchdog(health, stuck)
 
     @app.task
     async def start_watchdog() -> None:  # (app tasks start once the tables have recovered, as the agents do)
         if s.health_stuck_exit:
+            loop.append(asyncio.get_running_loop())
             health.start()
             watchdog.start()
 

@@ -373,7 +373,11 @@ def test_a_worker_whose_event_loop_hangs_stops_itself_and_a_restart_decides_the_
         asyncio.run(K.produce(kenv.settings, kenv.topics.clicks, clicks))
         wait_for(lambda: w.poll() is not None, 240, "the watchdog to stop the hung worker")
         assert w.returncode == 70, log.read_text()[-3000:]
-        assert "(the event loop is blocked)" in log.read_text(), log.read_text()[-3000:]
+        text = log.read_text()
+        assert "(the event loop is blocked)" in text, text[-3000:]
+        # the watchdog logged what the worker was doing: the IP stage's batch in progress, and the stack that hangs
+        diag = text[text.index("what the stuck worker was doing"):]
+        assert "ip batch in progress: for" in diag and "faults.py" in diag, diag[:6000]
         # a supervisor restarts after a backoff; a restart within the stopped member's session (it left without
         # a word) stalled once in a fresh-clone run, the race issue 12 keeps open (see stop 24's closing note)
         w = restart_once_dropped(kenv, log, clicks)
