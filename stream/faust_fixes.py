@@ -48,16 +48,6 @@ passes through four sensor calls that fill it. We serve our own metrics (``strea
 no Faust web stats: removing it from the sensors took a bare agent from 53-56 to 45-52 us of CPU an event
 (``bench/faust_bare.py``, three runs each way, 100,000 clicks). ``app.monitor`` itself stays (Faust's consumer
 still calls it directly for end offsets and commits).
-
-5. Partitions with nothing committed, after a rebalance. ``perform_seek`` (each rebalance's end, once the tables
-have recovered) seeks the stream partitions to their committed offsets with aiokafka's ``seek_to_committed``, which
-leaves a partition with no committed offset (or 0) where its fetcher was. Right after an assignment the fetcher
-may already have fetched such a partition ahead and had the fetch dropped (the partitions are paused for the
-recovery, and Faust's drain loop drops what it fetched for a paused partition): the stage then saw the next
-fetch start past offsets it had never been given, a jump (seen in fresh-clone CI runs right after a worker
-started: by-ip offset 3 on every partition, none of them ever committed). ``_perform_seek`` below sends those
-partitions back to their beginning, as ``auto_offset_reset="earliest"`` means; the clicks fetched twice are
-copies the stages recognise.
 """
 
 from __future__ import annotations
@@ -99,14 +89,6 @@ async def _wait_next_records(self: Any, timeout: float) -> Any:
 async def _perform_seek(self: Any) -> None:
     self.__dict__.setdefault(_FIRST, {}).clear()  # a (re)assignment: delivery starts over
     await _orig_perform_seek(self)
-    # point 5 of the module doc: a partition with nothing committed goes back to its beginning
-    fresh = [tp for tp in self.assignment() if not self._committed_offset.get(tp) and not self._is_changelog_tp(tp)]
-    if fresh:
-        from aiokafka import TopicPartition  # (the consumer thread's aiokafka call takes aiokafka's own)
-
-        await self._thread.seek_to_beginning(*(TopicPartition(tp.topic, tp.partition) for tp in fresh))
-        for tp in fresh:
-            self._read_offset[tp] = None
 
 
 GAPLESS: set[str] = set()  # topics whose offsets have no gaps (no control records): see gapless()

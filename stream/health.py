@@ -25,6 +25,7 @@ member, since the consumer's heartbeats come from another thread.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import urllib.request
@@ -32,6 +33,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from stream import metrics
+
+log = logging.getLogger(__name__)
 
 CHECK_EVERY_S = 5.0
 BROKER_TIMEOUT_S = 5.0
@@ -56,6 +59,8 @@ class Health:
         self.checked_at: float | None = None  # monotonic time of the last check (None: none yet)
         self.broker_ok = True
         self.last: dict[str, bool] = {}
+        self.busy_since: float | None = None  # when the current rebalance / table recovery began (None: none)
+        self._busy_logged = 0.0
 
     async def broker_answers(self) -> bool:
         try:
@@ -71,8 +76,14 @@ class Health:
         # read and refused: no lag shows them), a batch in progress (one that never ends holds the stage's lock)
         pending = self.lag() + sum(len(getattr(st, "rewinding", ())) for st in self.stages) + sum(
             1 for st in self.stages if getattr(st, "batch_since", None) is not None)
-        if batches != self._batches or pending == 0 or self.busy():
+        busy = self.busy()
+        if batches != self._batches or pending == 0 or busy:
             self._batches, self._moved = batches, now
+        self.busy_since = (self.busy_since or now) if busy else None
+        if self.busy_since is not None and now - self.busy_since > self.stuck_after_s and now - self._busy_logged > 60:
+            self._busy_logged = now  # (not judged stuck meanwhile: say so, a rebalance that never ends shows here)
+            log.warning("rebalancing or recovering tables for %.0f s, with work pending: %d", now - self.busy_since,
+                        pending)
         self.broker_ok = await self.broker_answers()
         got = {
             "broker": self.broker_ok,

@@ -24,16 +24,11 @@ class Msg(NamedTuple):
     offset: int
 
 
-async def _no_seek(*tps: Any) -> None:
-    return None
-
-
 def consumer(committed: int | None = None) -> Any:
     c = SimpleNamespace(_acked=defaultdict(list), _gap=defaultdict(IntervalTree), _acked_index=defaultdict(set),
                         _committed_offset=defaultdict(lambda: None), _unacked_messages=set(),
                         _on_message_in=lambda *a: None, _read_offset=defaultdict(lambda: None),
-                        assignment=lambda: {TP}, _is_changelog_tp=lambda tp: False,
-                        _thread=SimpleNamespace(seek_to_beginning=_no_seek),
+                        assignment=lambda: {TP},
                         app=SimpleNamespace(topics=SimpleNamespace(acks_enabled_for=lambda t: True)))
     c._committed_offset[TP] = committed
     return c
@@ -294,61 +289,3 @@ def test_a_rebalance_has_a_sensor_state_without_the_monitor(tmp_path: Any) -> No
     app = faust.App("t-rebalance", broker="kafka://127.0.0.1:1", datadir=str(tmp_path), web_enabled=False)
     list(app.on_init_dependencies())
     assert app.sensors.on_rebalance_start(app)  # (Faust warns "Missing sensor state" at every rebalance if empty)
-
-
-def test_after_a_rebalance_partitions_with_nothing_committed_go_back_to_their_beginning() -> None:
-    """Point 5: aiokafka's ``seek_to_committed`` leaves such a partition where a dropped fetch had taken it."""
-    fresh, zero, done, log = FaustTP("by-ip", 1), FaustTP("by-ip", 2), FaustTP("by-ip", 3), FaustTP("x-changelog", 0)
-    committed = {fresh: None, zero: 0, done: 100, log: None}
-    sought: list[Any] = []
-
-    async def seek_to_committed() -> dict[Any, int | None]:
-        return committed
-
-    async def seek_to_beginning(*tps: Any) -> None:
-        sought.extend(tps)
-
-    c = SimpleNamespace(_committed_offset=defaultdict(lambda: None), _read_offset=defaultdict(lambda: None),
-                        seek_to_committed=seek_to_committed,
-                        _thread=SimpleNamespace(seek_to_beginning=seek_to_beginning),
-                        assignment=lambda: set(committed), _is_changelog_tp=lambda tp: tp.topic.endswith("changelog"))
-    c._read_offset[fresh] = 300  # what the dropped fetch had reached
-    asyncio.run(Consumer.perform_seek(c))
-    # not the committed one, nor a table's changelog (the recovery's own)
-    assert sorted((tp.topic, tp.partition) for tp in sought) == [fresh, zero]
-    assert c._read_offset[fresh] is None and c._read_offset[done] == 100
-
-
-@pytest.mark.integration
-def test_aiokafka_s_seek_to_committed_leaves_a_partition_without_commits_where_its_fetcher_was(kenv: Any) -> None:
-    """The premise of point 5, on the real client and broker (an aiokafka upgrade that changes it makes point 5
-    unnecessary, not wrong)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    from tests.stream import kafka_helpers as K
-
-    s = kenv.settings
-    topic = kenv.topics.clicks
-    asyncio.run(K.produce_raw(s, topic, [(b"k", b"x")] * 20))  # one key: one partition
-
-    async def main() -> tuple[int, int]:
-        c = AIOKafkaConsumer(**s.kafka_client_kwargs(), group_id=f"{kenv.group}-premise",
-                             enable_auto_commit=False, auto_offset_reset="earliest")
-        await c.start()
-        try:
-            tps = [TopicPartition(topic, p) for p in range(s.partitions)]
-            c.assign(tps)
-            got: dict[Any, int] = {}
-            while sum(got.values()) < 20:
-                for tp, recs in (await c.getmany(*tps, timeout_ms=5000)).items():
-                    got[tp] = got.get(tp, 0) + len(recs)
-            (tp,) = got
-            await c.seek_to_committed()
-            after = await c.position(tp)
-            await c.seek_to_beginning(tp)
-            return after, await c.position(tp)
-        finally:
-            await c.stop()
-
-    after, beginning = asyncio.run(main())
-    assert (after, beginning) == (20, 0)

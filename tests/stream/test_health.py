@@ -154,3 +154,18 @@ def test_a_stage_awaiting_a_jump_or_holding_a_batch_that_never_ends_is_stuck_wit
     asyncio.run(h.check())
     assert "work pending" in h.stuck(time.monotonic())
     assert asyncio.run(h.check())["progress"] is False
+
+
+def test_a_rebalance_that_goes_on_past_the_stuck_time_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    lag, busy, broker = [100], [True], [True]
+    h = _health(lag, busy, broker)
+    h.start()
+    asyncio.run(h.check())
+    assert h.busy_since is not None and "rebalancing" not in caplog.text
+    h.busy_since -= 11.0  # past stuck_after_s (10 s)
+    asyncio.run(h.check())
+    assert "rebalancing or recovering tables for 11 s, with work pending: 100" in caplog.text
+    assert h.stuck(time.monotonic()) == ""  # still not judged stuck: only said
+    busy[0] = False
+    asyncio.run(h.check())
+    assert h.busy_since is None
