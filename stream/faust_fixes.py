@@ -194,10 +194,18 @@ def _ack(self: Any, message: Any) -> bool:
     landed in ``_acked`` for offsets at or past the new committed offset, so the commit rule found a run starting
     at the committed offset and committed past clicks the stages had not handled yet; a SIGKILL then lost them
     (637 of 12,000 clicks undecided once in the five-SIGKILL fault test). The skipped message is marked acked (no
-    wait on it at shutdown); its offset is committed when its refetched copy is acked."""
+    wait on it at shutdown); its offset is committed when its refetched copy is acked.
+
+    Nor is an ack counted while Faust's flow control is suspended (a rebalance's revoke phase, the table recovery,
+    a stop): the Stream then skips every event it takes and acks it, and the generation has not changed yet, so
+    those acks counted, and the consumer's periodic commit (which runs during the revoke phase) could pass clicks
+    no stage handled; after the reassignment the stage saw a jump to the committed offset and took it as another
+    worker's progress. A stage's batch that completes meanwhile is not counted either: it is fetched again after
+    the rebalance's seek and recognised as copies (redelivery, never loss)."""
     nocount = self.__dict__.get(_NOCOUNT)
     gen = getattr(message, "generation_id", None)
-    if (nocount and message in nocount) or (gen is not None and gen != self.app.consumer_generation_id):
+    if ((nocount and message in nocount) or (gen is not None and gen != self.app.consumer_generation_id)
+            or not self.app.flow_control.is_active()):
         if nocount:
             nocount.discard(message)
         message.acked = True

@@ -263,7 +263,8 @@ def test_a_message_of_an_earlier_generation_is_never_counted_as_acked() -> None:
     """Faust's Stream acks the messages it skips after a rebalance (fetched under the old generation, fetched again
     after the seek): counted, they let the commit rule commit past clicks not handled yet."""
     c = consumer(committed=100)
-    c.app = SimpleNamespace(consumer_generation_id=7, topics=SimpleNamespace(acks_enabled_for=lambda t: True))
+    c.app = SimpleNamespace(consumer_generation_id=7, topics=SimpleNamespace(acks_enabled_for=lambda t: True),
+                            flow_control=SimpleNamespace(is_active=lambda: True))
     c._n_acked, c._waiting_for_ack = 0, None
     stale = _AckMsg(tp=TP, offset=100, acked=False, generation_id=6, topic="by-ip")
     assert Consumer.ack(c, stale) is False and stale.acked and c._acked[TP] == []
@@ -271,6 +272,22 @@ def test_a_message_of_an_earlier_generation_is_never_counted_as_acked() -> None:
     fresh = _AckMsg(tp=TP, offset=100, acked=False, generation_id=7, topic="by-ip")
     assert Consumer.ack(c, fresh) is True and c._acked[TP] == [100]
     assert Consumer._new_offset(c, TP) == 101
+
+
+def test_no_ack_counts_while_the_flow_is_suspended() -> None:
+    """A rebalance's revoke phase (or a recovery) suspends Faust's flow control before the generation changes: the
+    Stream skips what it takes and acks it. Counted, those acks let the periodic commit pass unhandled clicks."""
+    active = [False]
+    c = consumer(committed=100)
+    c.app = SimpleNamespace(consumer_generation_id=7, topics=SimpleNamespace(acks_enabled_for=lambda t: True),
+                            flow_control=SimpleNamespace(is_active=lambda: active[0]))
+    c._n_acked, c._waiting_for_ack = 0, None
+    skipped = _AckMsg(tp=TP, offset=100, acked=False, generation_id=7, topic="by-ip")
+    assert Consumer.ack(c, skipped) is False and skipped.acked and c._acked[TP] == []
+    assert Consumer._new_offset(c, TP) is None  # 100 is fetched again after the rebalance's seek
+    active[0] = True
+    again = _AckMsg(tp=TP, offset=100, acked=False, generation_id=7, topic="by-ip")
+    assert Consumer.ack(c, again) is True and Consumer._new_offset(c, TP) == 101
 
 
 
