@@ -199,6 +199,9 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         def current(self, message: Any) -> bool:
             return faust_fixes.current(app.consumer, message)
 
+        def held_since(self, topic_name: str, partition: int) -> int | None:
+            return faust_fixes.held_since(app.consumer, topic_name, partition)
+
     users = UserStage(s, t, TableWriter(table(USERS_TABLE)), producer, by_user_name, by_ip_name, Ops())
     ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, w.by_ip_in, model, Ops())
 
@@ -270,9 +273,10 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     @app.timer(30.0)
     async def report() -> None:
         log.info("decided %d (degraded %d), dead letters %d, copies %d, failed batch attempts %d, "
-                 "keys users %d ips %d (evicted early %d)",
+                 "commits found past unhandled clicks %d, keys users %d ips %d (evicted early %d)",
                  ips.decided, ips.degraded, users.dead + ips.dead,
                  users.stats.copies + ips.stats.copies, users.failed_attempts + ips.failed_attempts,
+                 users.committed_past + ips.committed_past,
                  sum(users.writer.count.values()), sum(ips.writer.count.values()),
                  users.writer.evicted + ips.writer.evicted)
 

@@ -32,6 +32,8 @@ def stage_state(stage: Any) -> list[str]:
                        for k, (first, last) in stage.rewinding.items()}),
         _safe(f"{stage.name} batch in progress", lambda: "none" if since is None else f"for {now - since:.0f} s"),
         _safe(f"{stage.name} lock held", lambda: stage.lock.locked()),
+        _safe(f"{stage.name} committed offsets adopted / found past unhandled clicks",
+              lambda: (stage.adopted, stage.committed_past)),
     ]
 
 
@@ -43,6 +45,8 @@ def consumer_state(app: Any) -> list[str]:
         _safe("rebalancing", lambda: app.rebalancing),
         _safe("flow active", lambda: (c.flow_active, app.flow_control.is_active())),
         _safe("assignment", lambda: sorted(map(tuple, c.assignment()))),
+        _safe("held since generation", lambda: {tuple(tp): g for tp, g in sorted(
+            c.__dict__.get("_slidr_held_since", {}).items())}),
         _safe("paused", lambda: sorted(map(tuple, c._paused_partitions))),
         _safe("active", lambda: sorted(map(tuple, c._active_partitions or ()))),
         _safe("read offsets", lambda: {tuple(tp): o for tp, o in sorted(c._read_offset.items())}),

@@ -86,6 +86,11 @@ async def _wait_next_records(self: Any, timeout: float) -> Any:
     return records, active
 
 
+async def _on_partitions_assigned(self: Any, assigned: Any, generation_id: int = 0) -> None:
+    note_assignment(self, assigned, generation_id)
+    await _orig_on_partitions_assigned(self, assigned, generation_id)
+
+
 async def _perform_seek(self: Any) -> None:
     self.__dict__.setdefault(_FIRST, {}).clear()  # a (re)assignment: delivery starts over
     await _orig_perform_seek(self)
@@ -141,6 +146,29 @@ def consumer_lag(consumer: Any) -> dict[Any, int]:
         if hw is not None:
             out[tp] = max(0, int(hw) - (int(read) + 1 if read is not None else 0))
     return out
+
+
+_HELD = "_slidr_held_since"  # TP -> the first generation of its unbroken run of assignments to this consumer
+_LAST = "_slidr_last_assignment"  # (generation, assigned TPs) of the last assignment
+
+
+def note_assignment(consumer: Any, assigned: Any, generation: int) -> None:
+    """Record an assignment (point 5 of the module doc): a partition assigned in this generation and in the one
+    just before keeps the generation its run began in; any other starts a run here (someone else may have held
+    it in a generation this consumer did not see)."""
+    held: dict[Any, int] = consumer.__dict__.setdefault(_HELD, {})
+    last_gen, last = consumer.__dict__.get(_LAST, (None, frozenset()))
+    unbroken = last_gen is not None and generation == last_gen + 1
+    consumer.__dict__[_HELD] = {tp: held[tp] if unbroken and tp in last and tp in held else generation
+                                for tp in assigned}
+    consumer.__dict__[_LAST] = (generation, frozenset(assigned))
+
+
+def held_since(consumer: Any, topic: str, partition: int) -> int | None:
+    """The group generation since which this consumer has held the partition without a break (None: not held)."""
+    from faust.types import TP
+
+    return consumer.__dict__.get(_HELD, {}).get(TP(topic, partition))
 
 
 _NOCOUNT = "_slidr_do_not_count"  # messages to be acked without having been handled (stages.Stage.in_order)
@@ -254,6 +282,7 @@ def _on_init_dependencies(self: Any) -> Any:
 _orig_wait_next_records = Consumer._wait_next_records
 _orig_ack = Consumer.ack
 _orig_perform_seek = Consumer.perform_seek
+_orig_on_partitions_assigned = Consumer.on_partitions_assigned
 _orig_on_init_dependencies = App.on_init_dependencies
 
 
@@ -265,6 +294,7 @@ def install() -> None:
     Consumer._wait_next_records = _wait_next_records  # type: ignore[method-assign]
     Consumer.ack = _ack  # type: ignore[method-assign]
     Consumer.perform_seek = _perform_seek  # type: ignore[method-assign]
+    Consumer.on_partitions_assigned = _on_partitions_assigned  # type: ignore[method-assign]
     Consumer._new_offset = _new_offset  # type: ignore[method-assign]
     Consumer.wait_first = _wait_first  # type: ignore[method-assign]
     App.on_init_dependencies = _on_init_dependencies  # type: ignore[method-assign]

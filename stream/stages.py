@@ -150,6 +150,11 @@ class ConsumerOps:
         """Whether the message was fetched under the consumer's current assignment (not before a rebalance)."""
         return True
 
+    def held_since(self, topic: str, partition: int) -> int | None:
+        """The group generation since which this consumer has held the partition without a break (None:
+        unknown; a committed offset past what the stage handled is then taken for another worker's)."""
+        return None
+
 
 class Stage:
     """What both stages share: a publisher, a table writer and the retry loop around one batch step."""
@@ -169,6 +174,10 @@ class Stage:
         self.failed_attempts = 0
         self._over_logged = 0.0
         self.next_offset: dict[tuple[str, int], int] = {}  # input partition -> the offset this stage expects next
+        self.next_gen: dict[tuple[str, int], int | None] = {}  # ... and the group generation it was handled in
+        self.adopted = 0  # committed offsets taken for another worker's progress
+        self.committed_past = 0  # committed offsets found past clicks this stage never handled (a bug: see in_order)
+        self._past_logged: set[tuple[str, int, int]] = set()
         # input topics only our own non-transactional producer writes: their offsets have no gaps at all
         self.gapless: frozenset[str] = frozenset()
         self.rewinding: dict[tuple[str, int, int], tuple[float, float]] = {}  # (first, last) seek per jump
@@ -199,7 +208,7 @@ class Stage:
             slack = 0 if m.topic in self.gapless else 1  # one offset: a producer transaction's control record
             if nxt is not None and tp not in rewind and m.offset > nxt + slack:
                 committed = self.consumer.committed(m.topic, m.partition)
-                if committed is not None and committed > nxt:  # the group is past it (another worker had it)
+                if committed is not None and committed > nxt and self._adopt(tp, nxt, committed):
                     nxt = expect[tp] = committed
             if tp in rewind or (nxt is not None and m.offset > nxt + slack):
                 if tp not in rewind:
@@ -209,6 +218,29 @@ class Stage:
             expect[tp] = m.offset + 1
             keep.append(ev)
         return keep, [(t, p, o) for (t, p), o in rewind.items()]
+
+    def _adopt(self, tp: tuple[str, int], nxt: int, committed: int) -> bool:
+        """Whether a committed offset past the one this stage expects is another worker's progress (the partition
+        was someone else's meanwhile: adopt it). If this consumer has held the partition without a break since
+        the stage handled the offset before ``nxt``, the commit is its own and passed clicks no stage handled
+        (the commit rule was broken: the cause of lost decisions in issue 12): they are not adopted but fetched
+        again (they are still in the log), logged as an error and counted (``slidr_commit_past_unhandled_total``)."""
+        since = self.consumer.held_since(*tp)
+        gen = self.next_gen.get(tp)
+        if since is None or gen is None or gen < since:
+            self.adopted += 1
+            log.info("%s: %s[%d] resumes at the group's committed offset %d, past %d (handled elsewhere)",
+                     self.name, tp[0], tp[1], committed, nxt)
+            return True
+        key = (tp[0], tp[1], committed)
+        if key not in self._past_logged:
+            self._past_logged.add(key)
+            self.committed_past += 1
+            M.COMMIT_PAST_UNHANDLED.labels(self.name).inc()
+            log.error("%s: %s[%d] has offset %d committed by this worker (holding it since generation %d) although "
+                      "this stage handled it only up to %d: fetching the %d clicks in between again, never "
+                      "skipping them", self.name, tp[0], tp[1], committed, since, nxt, committed - nxt)
+        return False
 
     async def run(self, events: list[Any]) -> None:
         """One batch, all or nothing, retried (see the module doc). Never raises."""
@@ -270,6 +302,7 @@ class Stage:
                 for ev in events:
                     m = ev.message
                     self.next_offset[(m.topic, m.partition)] = m.offset + 1
+                    self.next_gen[(m.topic, m.partition)] = getattr(m, "generation_id", None)
                     if self.rewinding:
                         self.rewinding.pop((m.topic, m.partition, m.offset), None)
                 M.BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - t0)

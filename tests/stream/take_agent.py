@@ -26,7 +26,9 @@ def main(topic: str, group: str) -> None:
         @app.agent(src, concurrency=1)
         async def take(stream: Any) -> None:
             async for events in stream.take_events(100, within=0.05):
-                print(f"took {len(events)}", flush=True)
+                m = events[0].message
+                held = faust_fixes.held_since(app.consumer, m.topic, m.partition)
+                print(f"took {len(events)} held since {held} generation {m.generation_id}", flush=True)
 
         worker = Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
         worker.spinner = None

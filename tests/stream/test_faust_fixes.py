@@ -253,6 +253,26 @@ def test_a_take_events_agent_commits_every_partition_to_its_end(kenv: Any) -> No
         K.stop(p)
     assert len(want) == s.partitions  # 4,000 keys spread over every partition
     assert got == want, log.read_text()[-3000:]
+    # the assignment hook ran in the real consumer: each batch's partition is held since its generation
+    took = [ln.split() for ln in log.read_text().splitlines() if ln.startswith("took ")]
+    assert took and all(w[4] == w[6] != "None" for w in took), took[:3]
+
+
+def test_a_partition_is_held_since_the_first_of_an_unbroken_run_of_generations() -> None:
+    """Point 5: a partition assigned in consecutive generations keeps the generation its run began in; one that
+    was not ours in between, or a generation this consumer never saw (someone else may have held it), starts a
+    new run. The stages adopt a committed offset past their own only when the run began after they handled it."""
+    c = SimpleNamespace()
+    a, b = FaustTP("clicks", 0), FaustTP("clicks", 1)
+    faust_fixes.note_assignment(c, {a, b}, 3)
+    assert faust_fixes.held_since(c, "clicks", 0) == 3 and faust_fixes.held_since(c, "clicks", 1) == 3
+    faust_fixes.note_assignment(c, {a}, 4)  # b went to another worker
+    assert faust_fixes.held_since(c, "clicks", 0) == 3 and faust_fixes.held_since(c, "clicks", 1) is None
+    faust_fixes.note_assignment(c, {a, b}, 5)  # b came back
+    assert faust_fixes.held_since(c, "clicks", 0) == 3 and faust_fixes.held_since(c, "clicks", 1) == 5
+    faust_fixes.note_assignment(c, {a, b}, 7)  # generation 6 passed this consumer by (session expired)
+    assert faust_fixes.held_since(c, "clicks", 0) == 7 and faust_fixes.held_since(c, "clicks", 1) == 7
+    assert Consumer.on_partitions_assigned is faust_fixes._on_partitions_assigned
 
 
 class _AckMsg(SimpleNamespace):

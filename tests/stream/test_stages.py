@@ -144,6 +144,44 @@ def test_a_jump_past_unhandled_offsets_is_not_handled_and_fetched_again(tmp_path
     assert st.next_offset[("t.clicks", 0)] == 7 and ops.seeks[-1] == ("t.clicks", 0, 7) and ops.not_counted[-1] == 8
 
 
+def test_a_committed_offset_past_the_stage_is_adopted_only_if_another_worker_held_the_partition(
+        tmp_path: Path) -> None:
+    """After a rebalance the group's committed offset can be past what the stage handled: another worker decided
+    those clicks, and the stage goes on from there. But if this consumer held the partition all along, its own
+    commit passed clicks no stage handled (issue 12's lost decisions): those are fetched again, never skipped."""
+    held = {"since": 3}
+
+    class Ops(_Ops):
+        def committed(self, topic: str, partition: int) -> int | None:
+            return 20
+
+        def held_since(self, topic: str, partition: int) -> int | None:
+            return held["since"]
+
+    def gen(events: list[Any], g: int) -> list[Any]:
+        for ev in events:
+            ev.message.generation_id = g
+        return events
+
+    st = _Flaky(0, tmp_path)
+    ops = st.consumer = Ops()
+    asyncio.run(st.run(gen(_events(5), 4)))  # 0..4 handled in generation 4, the partition ours since 3
+    asyncio.run(st.run(gen(_events(3, start=20), 4)))  # the commit says 20: our own, past 5..19
+    assert st.committed_past == 1 and st.adopted == 0
+    assert ops.not_counted == [20, 21, 22] and ops.seeks == [("t.clicks", 0, 5)]
+    assert st.next_offset[("t.clicks", 0)] == 5
+    asyncio.run(st.run(gen(_events(18, start=5), 4)))  # fetched again: all handled
+    assert st.next_offset[("t.clicks", 0)] == 23 and not st.rewinding
+
+    st2 = _Flaky(0, tmp_path / "2")
+    ops2 = st2.consumer = Ops()
+    asyncio.run(st2.run(gen(_events(5), 4)))
+    held["since"] = 6  # the partition was another worker's in generation 5: its commit is its progress
+    asyncio.run(st2.run(gen(_events(3, start=20), 6)))
+    assert st2.adopted == 1 and st2.committed_past == 0 and ops2.seeks == [] and ops2.not_counted == []
+    assert st2.next_offset[("t.clicks", 0)] == 23
+
+
 def test_an_awaited_partition_is_sought_again_without_events_and_forgotten_once_revoked(tmp_path: Path) -> None:
     """The fetch from a sought offset may never start (the seek did not take): the stage's timer seeks again
     every few seconds although no event of that partition comes (a five-SIGKILL run waited for good once the
