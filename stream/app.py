@@ -199,6 +199,9 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         def current(self, message: Any) -> bool:
             return faust_fixes.current(app.consumer, message)
 
+        def start(self, topic_name: str, partition: int) -> int | None:
+            return faust_fixes.start_offset(app.consumer, topic_name, partition)
+
         def held_since(self, topic_name: str, partition: int) -> int | None:
             return faust_fixes.held_since(app.consumer, topic_name, partition)
 

@@ -48,6 +48,16 @@ passes through four sensor calls that fill it. We serve our own metrics (``strea
 no Faust web stats: removing it from the sensors took a bare agent from 53-56 to 45-52 us of CPU an event
 (``bench/faust_bare.py``, three runs each way, 100,000 clicks). ``app.monitor`` itself stays (Faust's consumer
 still calls it directly for end offsets and commits).
+
+5. Who held a partition. ``Consumer.on_partitions_assigned`` records, per partition, the group generation since
+which this consumer has held it without a break (assigned in consecutive generations: ``held_since``). A stage
+takes a committed offset past the one it expects for another worker's progress only if another worker can have
+held the partition meanwhile (``stages.Stage._adopt``).
+
+6. Where delivery starts. After each rebalance's seek (``perform_seek``) ``_note_starts`` records, per assigned
+input partition, the offset its delivery starts from: the committed offset, or the log's start offset (asked of
+the broker) when nothing or 0 is committed (aiokafka's ``seek_to_committed`` leaves such a partition wherever its
+fetcher was). A stage holds a partition's first event to it (``stages.Stage.in_order``, ``start_offset``).
 """
 
 from __future__ import annotations
@@ -94,6 +104,41 @@ async def _on_partitions_assigned(self: Any, assigned: Any, generation_id: int =
 async def _perform_seek(self: Any) -> None:
     self.__dict__.setdefault(_FIRST, {}).clear()  # a (re)assignment: delivery starts over
     await _orig_perform_seek(self)
+    await _note_starts(self)
+
+
+_START = "_slidr_start"  # TP -> where delivery starts after the last perform_seek (point 6 of the module doc)
+
+
+async def _note_starts(self: Any) -> None:
+    """Record, per assigned input partition, where its delivery starts after this seek: the committed offset, or
+    the log's start offset when nothing (or 0) is committed (point 6 of the module doc)."""
+    from faust.types import TP
+
+    start: dict[Any, int] = {}
+    fresh = []
+    for tp in self.assignment():
+        if self._is_changelog_tp(tp):
+            continue
+        committed = self._committed_offset.get(tp)
+        if committed is not None:
+            start[tp] = int(committed)
+        else:
+            fresh.append(tp)
+    if fresh:
+        try:
+            for tp, off in (await self.earliest_offsets(*fresh)).items():
+                start[TP(tp.topic, tp.partition)] = int(off)
+        except Exception as e:  # unknown: the stages take the first offset they see there (as before)
+            log.warning("no log start offsets for %d never-committed partitions: %r", len(fresh), e)
+    self.__dict__[_START] = start
+
+
+def start_offset(consumer: Any, topic: str, partition: int) -> int | None:
+    """Where the partition's delivery starts after the consumer's last seek (None: unknown)."""
+    from faust.types import TP
+
+    return consumer.__dict__.get(_START, {}).get(TP(topic, partition))
 
 
 GAPLESS: set[str] = set()  # topics whose offsets have no gaps (no control records): see gapless()

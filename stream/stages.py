@@ -150,6 +150,11 @@ class ConsumerOps:
         """Whether the message was fetched under the consumer's current assignment (not before a rebalance)."""
         return True
 
+    def start(self, topic: str, partition: int) -> int | None:
+        """Where the partition's delivery starts after the consumer's last rebalance: its committed offset, or the
+        log's start when nothing is committed (None: unknown; the stage then takes the first offset it sees)."""
+        return None
+
     def held_since(self, topic: str, partition: int) -> int | None:
         """The group generation since which this consumer has held the partition without a break (None:
         unknown; a committed offset past what the stage handled is then taken for another worker's)."""
@@ -197,7 +202,13 @@ class Stage:
         pass unseen with all its clicks) is not handled and not counted as acked (``faust_fixes.do_not_count``);
         its partition is fetched again from the expected offset (once per offset every few seconds: the events
         already fetched behind the jump keep coming first). It waits for that offset however long it takes, and
-        says so every minute: letting a jump through would lose the clicks in it."""
+        says so every minute: letting a jump through would lose the clicks in it.
+
+        A partition's first event in this process is held to the same rule: it must be where the consumer's
+        delivery starts (``ConsumerOps.start``: the committed offset, or the log's start when nothing is
+        committed). Taking a later offset as the first would have the earlier clicks, when fetched again, taken
+        for copies of the later ones and never decided (a five-SIGKILL run lost clicks so, the worker idle and
+        caught up)."""
         keep: list[Any] = []
         rewind: dict[tuple[str, int], int] = {}
         expect = dict(self.next_offset)
@@ -205,6 +216,10 @@ class Stage:
             m = ev.message
             tp = (m.topic, m.partition)
             nxt = expect.get(tp)
+            if nxt is None:  # the partition's first event here: it must come from where delivery starts
+                nxt = self.consumer.start(m.topic, m.partition)  # (None: unknown, taken as it comes)
+                if nxt is not None:
+                    expect[tp] = nxt
             slack = 0 if m.topic in self.gapless else 1  # one offset: a producer transaction's control record
             if nxt is not None and tp not in rewind and m.offset > nxt + slack:
                 committed = self.consumer.committed(m.topic, m.partition)

@@ -28,7 +28,8 @@ def main(topic: str, group: str) -> None:
             async for events in stream.take_events(100, within=0.05):
                 m = events[0].message
                 held = faust_fixes.held_since(app.consumer, m.topic, m.partition)
-                print(f"took {len(events)} held since {held} generation {m.generation_id}", flush=True)
+                start = faust_fixes.start_offset(app.consumer, m.topic, m.partition)
+                print(f"took {len(events)} held since {held} generation {m.generation_id} start {start}", flush=True)
 
         worker = Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False)
         worker.spinner = None

@@ -182,6 +182,24 @@ def test_a_committed_offset_past_the_stage_is_adopted_only_if_another_worker_hel
     assert st2.next_offset[("t.clicks", 0)] == 23
 
 
+def test_a_partition_s_first_event_must_be_where_delivery_starts(tmp_path: Path) -> None:
+    """A fresh process (a restart) knows no offset yet: a first event past where the consumer's delivery starts
+    (the committed offset, or the log's start) is a jump too. Taken as the first, the clicks before it would be
+    copies of it when fetched again (their keys' states hold a later position) and never decided."""
+
+    class Ops(_Ops):
+        def start(self, topic: str, partition: int) -> int | None:
+            return {0: 289, 1: None}[partition]
+
+    st = _Flaky(0, tmp_path)
+    ops = st.consumer = Ops()
+    asyncio.run(st.run(_events(3, start=400) + _events(2, partition=1, start=70)))
+    assert ops.not_counted == [400, 401, 402] and ops.seeks == [("t.clicks", 0, 289)]
+    assert ("t.clicks", 0) not in st.next_offset and st.next_offset[("t.clicks", 1)] == 72  # (unknown: as it comes)
+    asyncio.run(st.run(_events(114, start=289)))  # fetched again from 289
+    assert st.next_offset[("t.clicks", 0)] == 403 and not st.rewinding
+
+
 def test_an_awaited_partition_is_sought_again_without_events_and_forgotten_once_revoked(tmp_path: Path) -> None:
     """The fetch from a sought offset may never start (the seek did not take): the stage's timer seeks again
     every few seconds although no event of that partition comes (a five-SIGKILL run waited for good once the
