@@ -131,7 +131,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="Report folder (report.md + PNGs)."),  # noqa: B008
         ablation: bool = typer.Option(True, "--ablation/--no-ablation", help="Weights ablation (trains models)."),
         groups: bool = typer.Option(False, "--groups/--no-groups", help=(
-            "Feature-group ablation: the MLP retrained without each feature group (9 more trainings).")),
+            "Feature-group ablation: the MLP retrained without each feature group (one more training per group).")),
     ) -> None:
         """Markdown report: curves, baselines, global vs slice calibration, archetypes, weights and feature-group
         ablations."""

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from functools import lru_cache
@@ -37,7 +38,7 @@ import numpy as np
 import orjson
 
 # --- the spec ---------------------------------------------------------------------------------------------
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -47,15 +48,17 @@ TTL_MS = DAY_MS  # state older than this (event time) is dropped
 EXPIRY_GRACE_MS = HOUR_MS  # online key deletion waits this much longer (late clicks within it stay exact)
 GAP_CAP_S = 86_400.0  # seconds since the previous click, capped; also the value for a key's first click
 GAP_EWMA_ALPHA = 0.2  # EWMA weight of the newest log gap
-DISTINCT_CAP = 256  # most recent distinct user keys / sessions remembered per IP (exact below the cap)
+DISTINCT_CAP = 256  # most recent distinct keys remembered per set (users, sessions, ads, ...; exact below the cap)
 PLATFORMS = ("desktop", "mobile", "app")
 
 FEATURE_NAMES: tuple[str, ...] = (
     # per user key
     "u_clicks_1m", "u_clicks_5m", "u_clicks_1h", "u_clicks_24h",
     "u_gap_s", "u_lgap_mean", "u_lgap_std",
+    "u_ads_1h", "u_ads_24h", "u_ad_gap_s",
     # per IP
     "ip_clicks_1h", "ip_clicks_24h", "ip_users_1h", "ip_users_24h", "ip_sessions_1h", "ip_sessions_24h",
+    "ip_ads_1h", "ip_ads_24h", "ip_ad_gap_s", "ip_uas_24h",
     # time of day / week on the unit circle (local time when tz_offset_min is known, else UTC)
     "hour_sin", "hour_cos", "dow_sin", "dow_cos",
     # click
@@ -71,16 +74,19 @@ N_FEATURES = len(FEATURE_NAMES)
 FEATURE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("user_velocity", ("u_clicks_1m", "u_clicks_5m", "u_clicks_1h", "u_clicks_24h")),
     ("user_timing", ("u_gap_s", "u_lgap_mean", "u_lgap_std")),
+    ("user_ads", ("u_ads_1h", "u_ads_24h", "u_ad_gap_s")),
     ("ip_volume", ("ip_clicks_1h", "ip_clicks_24h")),
     ("ip_users", ("ip_users_1h", "ip_users_24h")),
     ("ip_sessions", ("ip_sessions_1h", "ip_sessions_24h")),
+    ("ip_ads", ("ip_ads_1h", "ip_ads_24h", "ip_ad_gap_s")),
+    ("ip_agents", ("ip_uas_24h",)),
     ("time_of_day", ("hour_sin", "hour_cos", "dow_sin", "dow_cos")),
     ("slice", ("logged_in", "platform_desktop", "platform_mobile", "platform_app")),
     ("customer_profile", ("rfm_score", "rfm_known", "account_age_days")),
     ("ip_datacenter", ("ip_datacenter",)),
 )  # fmt: skip
-N_USER = 7
-N_IP = 6
+N_USER = 10
+N_IP = 10
 
 FEATURE_SPEC: dict[str, Any] = {
     "version": FEATURE_VERSION,
@@ -91,6 +97,8 @@ FEATURE_SPEC: dict[str, Any] = {
     "gap_cap_s": GAP_CAP_S,
     "gap_ewma_alpha": GAP_EWMA_ALPHA,
     "distinct_cap": DISTINCT_CAP,
+    "entities": "per user key and per IP: distinct ads (1 h, 24 h) and seconds since the same key's previous click "
+                "on the same ad; per IP: distinct user agents (24 h, by crc32)",
     "platforms": list(PLATFORMS),
     "time": "local if tz_offset_min else UTC; hour = fractional hour of day, dow Monday=0",
     "missing_profile": [-1.0, 0.0, -1.0, -1.0],
@@ -117,6 +125,10 @@ class ClickLike(Protocol):
     def platform(self) -> str: ...
     @property
     def tz_offset_min(self) -> int | None: ...
+    @property
+    def ad_id(self) -> str: ...
+    @property
+    def user_agent(self) -> str: ...
     @property
     def user_key(self) -> str: ...
     @property
@@ -202,9 +214,12 @@ def update_user(state: State | None, click: ClickLike, src: Src = None) -> tuple
     ts = click.ts
     if state is None or _fresh(state, ts):
         state = {"hi": ts, "m": [], "h": [], "g": GAP_CAP_S, "lm": math.log1p(GAP_CAP_S), "lv": 0.0,
-                 "src": {}, "new": True}
+                 "a": {}, "ag": GAP_CAP_S, "src": {}, "new": True}
+    elif "a" not in state:  # a state written before feature version 2: its entity set starts now
+        state.update(a={}, ag=GAP_CAP_S)
     if not is_duplicate(state, src):
         _mark(state, src)
+        state["ag"] = _see(state["a"], click.ad_id, ts)
         if state.pop("new", False):
             gap = GAP_CAP_S  # first click of this key: no previous click within the TTL
         else:
@@ -230,8 +245,10 @@ def user_features(state: State, click: ClickLike) -> list[float]:
     h = click.ts // HOUR_MS
     c1, c5, c60 = _window_counts(state["m"], m, USER_WINDOWS_MIN)
     (c24,) = _window_counts(state["h"], h, (24,))
+    a1, a24 = _distinct(state["a"], click.ts)
     return [float(c1), float(c5), float(c60), float(c24),
-            float(state["g"]), float(state["lm"]), math.sqrt(state["lv"])]
+            float(state["g"]), float(state["lm"]), math.sqrt(state["lv"]),
+            float(a1), float(a24), float(state["ag"])]
 
 
 # --- per IP -----------------------------------------------------------------------------------------------
@@ -241,6 +258,34 @@ def _touch(seen: dict[str, int], key: str, ts: int) -> None:
     seen[key] = ts if old is None or ts > old else old
     if len(seen) > DISTINCT_CAP:
         del seen[next(iter(seen))]
+
+
+def _see(seen: dict[str, int], key: str, ts: int) -> float:
+    """``_touch`` that also returns the seconds since ``key`` was last seen (capped at GAP_CAP_S; GAP_CAP_S when
+    never or longer ago than the TTL; 0 for a late click)."""
+    old = seen.pop(key, None)
+    if old is None:
+        seen[key] = ts
+        gap = GAP_CAP_S
+    else:
+        seen[key] = ts if ts > old else old
+        d = ts - old
+        gap = GAP_CAP_S if d > TTL_MS else min(max(d, 0) / 1000.0, GAP_CAP_S)
+    if len(seen) > DISTINCT_CAP:
+        del seen[next(iter(seen))]
+    return gap
+
+
+@lru_cache(maxsize=1 << 12)
+def ua_key(user_agent: str) -> str:
+    """A user agent's key in a state: its crc32 (a state stays small whatever the header's length)."""
+    return format(zlib.crc32(user_agent.encode("utf-8", "surrogatepass")), "x")
+
+
+def _distinct_24h(seen: dict[str, int], ts: int) -> int:
+    """Distinct keys last seen after ts - 24 h."""
+    lo24 = ts - DAY_MS
+    return sum(1 for t in seen.values() if t > lo24)
 
 
 def _distinct(seen: dict[str, int], ts: int) -> tuple[int, int]:
@@ -261,9 +306,13 @@ def update_ip(state: State | None, click: ClickLike, src: Src = None) -> tuple[S
     A duplicate (``is_duplicate(state, src)``) changes nothing and gets the current features."""
     ts = click.ts
     if state is None or _fresh(state, ts):
-        state = {"hi": ts, "m": [], "h": [], "u": {}, "s": {}, "src": {}}
+        state = {"hi": ts, "m": [], "h": [], "u": {}, "s": {}, "a": {}, "ag": GAP_CAP_S, "ua": {}, "src": {}}
+    elif "a" not in state:  # a state written before feature version 2
+        state.update(a={}, ag=GAP_CAP_S, ua={})
     if not is_duplicate(state, src):
         _mark(state, src)
+        state["ag"] = _see(state["a"], click.ad_id, ts)
+        _touch(state["ua"], ua_key(click.user_agent), ts)
         _bump(state["m"], ts // MINUTE_MS)
         _bump(state["h"], ts // HOUR_MS)
         _touch(state["u"], click.user_key, ts)
@@ -285,7 +334,10 @@ def ip_features(state: State, click: ClickLike) -> list[float]:
     (c24,) = _window_counts(state["h"], h, (24,))
     u1, u24 = _distinct(state["u"], ts)
     s1, s24 = _distinct(state["s"], ts)
-    return [float(c60), float(c24), float(u1), float(u24), float(s1), float(s24)]
+    a1, a24 = _distinct(state["a"], ts)
+    ua24 = _distinct_24h(state["ua"], ts)
+    return [float(c60), float(c24), float(u1), float(u24), float(s1), float(s24),
+            float(a1), float(a24), float(state["ag"]), float(ua24)]
 
 
 # --- profiles (the Redis cache's content) -----------------------------------------------------------------
@@ -404,6 +456,7 @@ def _probe() -> tuple[list[Any], dict[str, bytes]]:
         ip = "10.1.2.3" if i % 2 else "192.0.2.77"
         out.append(SimpleNamespace(
             click_id=f"p{i}", ts=ts, ip=ip, ip_key=ip, session_id=f"s{u}", customer_id=cust,
+            ad_id=f"ad{i % 4}", user_agent=f"ua{(i // 3) % 3}",
             logged_in=cust is not None, platform=PLATFORMS[i % 3], tz_offset_min=(60 * (i % 5) - 120) or None,
             user_key=f"c:{cust}" if cust else f"s:s{u}"))
     out.sort(key=lambda c: c.ts)

@@ -112,7 +112,44 @@ def test_ip_distinct_users_and_sessions() -> None:
         st_, f = F.update_ip(st_, c)
         out.append(f)
     # [clicks 1h, clicks 24h, users 1h, users 24h, sessions 1h, sessions 24h]
-    assert out == [[1, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2], [3, 3, 2, 2, 2, 2], [1, 4, 1, 3, 1, 3]]
+    assert [f[:6] for f in out] == [[1, 1, 1, 1, 1, 1], [2, 2, 2, 2, 2, 2], [3, 3, 2, 2, 2, 2], [1, 4, 1, 3, 1, 3]]
+
+
+def test_entity_features_hand_computed() -> None:
+    """Per user key and per IP: distinct ads over 1 h and 24 h, seconds since the key's previous click on the same
+    ad; per IP: distinct user agents (24 h)."""
+    cap = F.GAP_CAP_S
+    cs = [
+        click(0, T0, ad="a1", ua="UA/1", ip="10.0.0.1", customer="u1"),
+        click(1, T0 + 10_000, ad="a2", ua="UA/1", ip="10.0.0.2", customer="u1"),
+        click(2, T0 + 25_000, ad="a1", ua="UA/2", ip="10.0.0.1", customer="u1"),
+        click(3, T0 + 2 * F.HOUR_MS, ad="a1", ua="UA/1", ip="10.0.0.1", customer="u1"),
+    ]
+    su = si = None
+    users, ips = [], []
+    for c in cs:
+        su, uf = F.update_user(su, c)
+        users.append(uf[7:])
+        if c.ip == "10.0.0.1":
+            si, ipf = F.update_ip(si, c)
+            ips.append(ipf[6:])
+    # [ads 1h, ads 24h, s since same ad]
+    assert users == [[1, 1, cap], [2, 2, cap], [2, 2, 25.0], [1, 2, 7175.0]]
+    # [ads 1h, ads 24h, s since same ad on this IP, user agents 24h]
+    assert ips == [[1, 1, cap, 1], [1, 1, 25.0, 2], [1, 1, 7175.0, 2]]
+    assert F.ua_key("UA/1") == F.ua_key("UA/1") != F.ua_key("UA/2")
+
+
+def test_a_state_from_feature_version_1_gets_its_entity_sets() -> None:
+    su, _ = F.update_user(None, click(0, T0))
+    si, _ = F.update_ip(None, click(0, T0))
+    for st_, keys in ((su, ("a", "ag")), (si, ("a", "ag", "ua"))):
+        for k in keys:
+            del st_[k]
+    su, uf = F.update_user(su, click(1, T0 + 1000))
+    si, ipf = F.update_ip(si, click(1, T0 + 1000))
+    assert uf[:2] == [2, 2] and uf[7:] == [1, 1, F.GAP_CAP_S]
+    assert ipf[:2] == [2, 2] and ipf[6:] == [1, 1, F.GAP_CAP_S, 1]
 
 
 def test_ip_distinct_set_is_capped() -> None:
