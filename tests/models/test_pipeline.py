@@ -111,7 +111,8 @@ def test_degraded_profile_keeps_auc(td) -> None:  # type: ignore[no-untyped-def]
 def test_group_ablation_retrains_without_each_group(td) -> None:  # type: ignore[no-untyped-def]
     """The feature-group ablation has a row per group plus the served model's, each with the test day's AUC and
     the per-archetype recall at 1% human false-invalidation; the served row is the scores given; dropping the user
-    features (velocity and timing) costs AUC on this data, whose bots click fast."""
+    features (velocity or timing) costs bot recall on this data, whose bots click fast (its weak-label AUC no
+    longer moves since feature version 2: the per-user ad features carry much of the same signal)."""
     from models.nets import predict
     from models.report import group_ablation
     from models.train import train
@@ -126,7 +127,7 @@ def test_group_ablation_retrains_without_each_group(td) -> None:  # type: ignore
     assert ga["all"]["auc"] == roc_auc(s[te], td.label[te])
     for r in ga.values():
         assert 0.0 <= r["bot_recall"] <= 1.0 and set(r["archetypes"]) == set(ga["all"]["archetypes"])
-    assert min(ga["user_velocity"]["auc"], ga["user_timing"]["auc"]) < ga["all"]["auc"], ga
+    assert max(ga["user_velocity"]["bot_recall"], ga["user_timing"]["bot_recall"]) < ga["all"]["bot_recall"], ga
 
 
 def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
