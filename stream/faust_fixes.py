@@ -194,19 +194,18 @@ def consumer_lag(consumer: Any) -> dict[Any, int]:
 
 
 _HELD = "_slidr_held_since"  # TP -> the first generation of its unbroken run of assignments to this consumer
-_LAST = "_slidr_last_assignment"  # (generation, assigned TPs) of the last assignment
+_LAST = "_slidr_last_generation"  # the generation of the last assignment (its TPs are _HELD's keys)
 
 
 def note_assignment(consumer: Any, assigned: Any, generation: int) -> None:
     """Record an assignment (point 5 of the module doc): a partition assigned in this generation and in the one
     just before keeps the generation its run began in; any other starts a run here (someone else may have held
     it in a generation this consumer did not see)."""
-    held: dict[Any, int] = consumer.__dict__.setdefault(_HELD, {})
-    last_gen, last = consumer.__dict__.get(_LAST, (None, frozenset()))
-    unbroken = last_gen is not None and generation == last_gen + 1
-    consumer.__dict__[_HELD] = {tp: held[tp] if unbroken and tp in last and tp in held else generation
-                                for tp in assigned}
-    consumer.__dict__[_LAST] = (generation, frozenset(assigned))
+    held: dict[Any, int] = consumer.__dict__.get(_HELD, {})
+    last = consumer.__dict__.get(_LAST)
+    unbroken = last is not None and generation == last + 1
+    consumer.__dict__[_HELD] = {tp: held.get(tp, generation) if unbroken else generation for tp in assigned}
+    consumer.__dict__[_LAST] = generation
 
 
 def held_since(consumer: Any, topic: str, partition: int) -> int | None:

@@ -261,31 +261,19 @@ def _touch(seen: dict[str, int], key: str, ts: int) -> None:
 
 
 def _see(seen: dict[str, int], key: str, ts: int) -> float:
-    """``_touch`` that also returns the seconds since ``key`` was last seen (capped at GAP_CAP_S; GAP_CAP_S when
-    never or longer ago than the TTL; 0 for a late click)."""
-    old = seen.pop(key, None)
-    if old is None:
-        seen[key] = ts
-        gap = GAP_CAP_S
-    else:
-        seen[key] = ts if ts > old else old
-        d = ts - old
-        gap = GAP_CAP_S if d > TTL_MS else min(max(d, 0) / 1000.0, GAP_CAP_S)
-    if len(seen) > DISTINCT_CAP:
-        del seen[next(iter(seen))]
-    return gap
+    """``_touch``, returning the seconds since ``key`` was last seen (capped at GAP_CAP_S; GAP_CAP_S when never or
+    longer ago than the TTL; 0 for a late click)."""
+    old = seen.get(key)
+    _touch(seen, key, ts)
+    if old is None or ts - old > TTL_MS:
+        return GAP_CAP_S
+    return min(max(ts - old, 0) / 1000.0, GAP_CAP_S)
 
 
 @lru_cache(maxsize=1 << 12)
 def ua_key(user_agent: str) -> str:
     """A user agent's key in a state: its crc32 (a state stays small whatever the header's length)."""
     return format(zlib.crc32(user_agent.encode("utf-8", "surrogatepass")), "x")
-
-
-def _distinct_24h(seen: dict[str, int], ts: int) -> int:
-    """Distinct keys last seen after ts - 24 h."""
-    lo24 = ts - DAY_MS
-    return sum(1 for t in seen.values() if t > lo24)
 
 
 def _distinct(seen: dict[str, int], ts: int) -> tuple[int, int]:
@@ -335,7 +323,7 @@ def ip_features(state: State, click: ClickLike) -> list[float]:
     u1, u24 = _distinct(state["u"], ts)
     s1, s24 = _distinct(state["s"], ts)
     a1, a24 = _distinct(state["a"], ts)
-    ua24 = _distinct_24h(state["ua"], ts)
+    _, ua24 = _distinct(state["ua"], ts)
     return [float(c60), float(c24), float(u1), float(u24), float(s1), float(s24),
             float(a1), float(a24), float(state["ag"]), float(ua24)]
 
