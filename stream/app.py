@@ -205,6 +205,12 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
         def held_since(self, topic_name: str, partition: int) -> int | None:
             return faust_fixes.held_since(app.consumer, topic_name, partition)
 
+        def generation(self) -> int | None:
+            return app.consumer_generation_id
+
+        def active(self) -> bool:
+            return app.flow_control.is_active()
+
     users = UserStage(s, t, TableWriter(table(USERS_TABLE)), producer, by_user_name, by_ip_name, Ops())
     ips = IpStage(s, t, TableWriter(table(IPS_TABLE)), producer, w.by_ip_in, model, Ops())
 

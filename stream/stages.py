@@ -160,6 +160,15 @@ class ConsumerOps:
         unknown; a committed offset past what the stage handled is then taken for another worker's)."""
         return None
 
+    def generation(self) -> int | None:
+        """The consumer's current group generation (None: unknown)."""
+        return None
+
+    def active(self) -> bool:
+        """Whether the consumer's flow is on (False in a rebalance's revoke phase, a table recovery, a stop: the
+        partitions may be someone else's by the time anything done now lands)."""
+        return True
+
 
 class Stage:
     """What both stages share: a publisher, a table writer and the retry loop around one batch step."""
@@ -274,8 +283,12 @@ class Stage:
         return False
 
     async def tick(self) -> None:
-        """A batch without new events (the worker's timer): seeks that are due again, held clicks that may go."""
-        await self.run([])
+        """A batch without new events (the worker's timer): seeks that are due again, held clicks that may go.
+        Nothing while the consumer's flow is off: in a rebalance's revoke phase the IP stage would decide held
+        clicks and write their state into a partition that may be another worker's a moment later (which then
+        decides them again: its commit stays behind them)."""
+        if self.consumer.active():
+            await self.run([])
 
     async def _run(self, events: list[Any]) -> None:
         events, rewind = self.in_order(events)
@@ -606,9 +619,14 @@ class IpStage(Stage):
         self.first_seen: dict[int, float] = {}
         self.waiting: dict[tuple[str, int, int], list[Any]] = {}  # message -> [message, clicks not released]
         self._bad: list[tuple[Any, bytes, str]] = []  # what intake could not read: dead-lettered by the step
+        self.generation: int | None = None  # the consumer's generation when the held clicks were last checked
 
     # --- intake: hold what comes ------------------------------------------------------------------------
     def intake(self, events: list[Any]) -> None:
+        gen = self.consumer.generation()
+        if gen != self.generation:
+            self.generation = gen
+            self.drop_stale()
         now = self.now()
         for event in events:
             msg = event.message
@@ -643,6 +661,29 @@ class IpStage(Stage):
                 w = self.waiting.setdefault((msg.topic, q, msg.offset), [msg, 0])
                 w[0] = msg
                 w[1] += n
+
+    def drop_stale(self) -> int:
+        """Drop the held clicks fetched before the consumer's last rebalance (run when the generation changes):
+        their partition may be another worker's now, and is fetched again from the committed offset, which stays
+        behind them, if it is still ours. Never decided here (``_decide`` skips them too): they no longer hold
+        back or force out the current clicks. Returns how many were dropped."""
+        current = self.consumer.current
+        dropped = 0
+        for q, queues in self.held.items():
+            for tag, dq in queues.items():
+                keep = deque(h for h in dq if current(h.msg))
+                if len(keep) != len(dq):
+                    dropped += len(dq) - len(keep)
+                    self.n_held[q] -= len(dq) - len(keep)
+                    queues[tag] = keep
+        for key, (msg, _) in list(self.waiting.items()):
+            if not current(msg):
+                del self.waiting[key]
+        if dropped:
+            log.warning("ip stage: dropped %d held clicks fetched before the rebalance (fetched again by whoever "
+                        "owns their partitions now)", dropped)
+            M.HELD.set(sum(self.n_held.values()))
+        return dropped
 
     def _beat(self, q: int, clocks: Any, now: float) -> None:
         inputs = self.inputs.setdefault(q, {})

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from schemas.events import Click
 from stream import features as F
 from stream.publish import key_partition
-from stream.stages import read_feature_log
+from stream.stages import ConsumerOps, read_feature_log
 from stream.synth import traffic
 from tests.stream.helpers import T0, click
 from tests.stream.stage_harness import Harness
@@ -130,3 +132,50 @@ def test_without_the_watermark_a_lagging_partition_changes_ip_features(tmp_path:
     col = F.FEATURE_NAMES.index("ip_clicks_1h")
     differ = sum(got[k][col] != want[k][col] for k in want)
     assert differ > len(want) // 10
+
+
+class _Rebalancing(ConsumerOps):
+    """A consumer going through a rebalance: its flow off (the revoke phase), then a new generation."""
+
+    def __init__(self) -> None:
+        self.gen = 1
+        self.flow = True
+
+    def current(self, message: Any) -> bool:
+        return getattr(message, "generation_id", self.gen) == self.gen
+
+    def generation(self) -> int | None:
+        return self.gen
+
+    def active(self) -> bool:
+        return self.flow
+
+
+def test_held_clicks_are_never_decided_once_their_partition_may_be_someone_else_s(tmp_path: Path) -> None:
+    """Once the generation changes, the clicks held from before are dropped (their partition is fetched again by
+    whoever owns it, from a commit that stayed behind them), and in a rebalance's revoke phase the timer releases
+    nothing (the partition may be another worker's by the time the decisions and state land)."""
+    h = Harness(tmp_path)
+    ops = h.ips.consumer = _Rebalancing()
+    clicks = [click(i, T0 + 1000 * i, session=f"s{i % 7}", ip=f"10.0.0.{i % 5}") for i in range(50)]
+    out = h.feed(clicks[:40], drain=False)
+    assert not any(t == h.t.decisions for t, *_ in out)
+    held = [x for queues in h.ips.held.values() for dq in queues.values() for x in dq]
+    assert len(held) == 40 and h.ips.waiting and not h.ips.due()
+    for x in held:
+        x.msg.generation_id = 1
+    ops.gen = 2  # reassigned: what is held came under generation 1
+    asyncio.run(h.ips.tick())
+    assert sum(h.ips.n_held.values()) == 0 and not h.ips.waiting
+    out = h.feed(clicks[40:], drain=False)  # fetched under generation 2
+    assert not any(t == h.t.decisions for t, *_ in out) and sum(h.ips.n_held.values()) == 10
+    h.skew += h.s.watermark_idle_s + h.s.watermark_max_hold_s + 1  # every held click is due
+    assert h.ips.due()
+    sent = len(h.ips.out.sent)  # type: ignore[attr-defined]
+    ops.flow = False  # the next rebalance's revoke phase
+    asyncio.run(h.ips.tick())
+    assert len(h.ips.out.sent) == sent and sum(h.ips.n_held.values()) == 10  # type: ignore[attr-defined]
+    ops.flow = True
+    asyncio.run(h.ips.tick())
+    decided = [k for t, k, *_ in h.ips.out.sent[sent:] if t == h.t.decisions]  # type: ignore[attr-defined]
+    assert sorted(decided) == sorted(c.click_id.encode() for c in clicks[40:])
