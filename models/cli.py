@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
     def train_cmd(
         data_dir: Path = typer.Argument(..., help="Dataset folder (slidr simulate / slidr import)."),  # noqa: B008
         out: Path = typer.Option(..., "--out", help="Model folder to write."),  # noqa: B008
-        model: str = typer.Option("mlp", "--model", help="mlp | logreg | heuristic"),
+        model: str = typer.Option("mlp", "--model", help="mlp | dcn | logreg | heuristic"),
         sets: list[str] = typer.Option([], "--set", help="Config override key=value (models/config.py)."),  # noqa: B008
     ) -> None:
         """Train a scorer on a dataset; write model.onnx, calibration.json (global) and manifest.json."""
@@ -307,7 +307,7 @@ def register_retrain(app: typer.Typer) -> None:
                                          "instead of the topics."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Stop before promoting (the candidate is kept)."),
         force: bool = typer.Option(False, "--force", help="Redo a window already retrained."),
-        model: str = typer.Option("mlp", "--model", help="mlp | logreg | heuristic"),
+        model: str = typer.Option("mlp", "--model", help="mlp | dcn | logreg | heuristic"),
         sets: list[str] = typer.Option([], "--set", help="Config override key=value (models/config.py)."),  # noqa: B008
         as_json: bool = typer.Option(False, "--json", help="Print the outcome as one JSON object."),
     ) -> None:

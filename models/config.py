@@ -43,8 +43,12 @@ class TrainConfig:
     # cannot be learned from a few days (the test day is a weekday training never saw: on the default
     # scenario keeping it made the validation threshold's FPR jump from 0.01 to 0.09 on the test day)
     drop_features: tuple[str, ...] = ("rfm_score", "rfm_known", "dow_sin", "dow_cos")
-    model: str = "mlp"  # mlp | logreg | heuristic
+    model: str = "mlp"  # mlp | dcn | logreg | heuristic
     hidden: tuple[int, int] = (64, 32)  # the MLP's two hidden layers (three fully connected layers in all)
+    cross_layers: int = 2  # the deep & cross network's cross layers (beside the same two hidden layers)
+    # width of each hashed category's embedding (stream.features.CATEGORIES: user agent family, placement) in the
+    # MLP and the deep & cross network; 0 = none (the bucket ids are then ignored, as by logreg and the heuristic)
+    embed_dim: int = 8
     weight_decay: float = 1e-4  # L2 on the hidden layers' weights only (not the output layer, not biases)
     lr: float = 3e-3  # Adam learning rate
     batch_size: int = 1024

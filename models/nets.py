@@ -50,6 +50,27 @@ class Normalizer(nn.Module):
                           torch.from_numpy(keep))
 
 
+class Embeddings(nn.Module):
+    """Hashed categories (``stream.features.CATEGORIES``) -> learned vectors, concatenated: column ``c`` of the raw
+    features holds a bucket id in [0, n). Tables start at zero, so a bucket never seen in training (a user agent
+    family or placement first met online) reads as "no information" rather than as noise; L2 keeps rare buckets
+    near it."""
+
+    def __init__(self, columns: Sequence[int], sizes: Sequence[int], dim: int) -> None:
+        super().__init__()
+        self.columns = [int(c) for c in columns]
+        self.sizes = [int(n) for n in sizes]
+        tables = [nn.Embedding(n, dim) for n in self.sizes]
+        for t in tables:
+            nn.init.zeros_(t.weight)
+        self.tables = nn.ModuleList(tables)
+        self.dim = dim * len(self.columns)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t(torch.clamp(x[:, c], 0.0, n - 1.0).long())
+                          for c, n, t in zip(self.columns, self.sizes, self.tables, strict=True)], dim=-1)
+
+
 class Scorer(nn.Module):
     """Common interface: ``logits(x)`` for training, ``forward(x)`` = sigmoid(logits) = P(robot), shape [N]."""
 
@@ -71,21 +92,60 @@ class MLP(Scorer):
 
     kind = "mlp"
 
-    def __init__(self, norm: Normalizer, n_features: int, hidden: Sequence[int] = (64, 32)) -> None:
+    def __init__(self, norm: Normalizer, n_features: int, hidden: Sequence[int] = (64, 32),
+                 emb: Embeddings | None = None) -> None:
         super().__init__()
         h1, h2 = hidden
         self.norm = norm
-        self.fc1 = nn.Linear(n_features, h1)
+        self.emb = emb
+        self.fc1 = nn.Linear(n_features + (emb.dim if emb else 0), h1)
         self.fc2 = nn.Linear(h1, h2)
         self.out = nn.Linear(h2, 1)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.fc1(self.norm(x)))
+        z = self.norm(x) if self.emb is None else torch.cat([self.norm(x), self.emb(x)], dim=-1)
+        h = torch.relu(self.fc1(z))
         h = torch.relu(self.fc2(h))
         return self.out(h).squeeze(-1)
 
     def param_groups(self, weight_decay: float) -> list[dict[str, object]]:
-        decay = [self.fc1.weight, self.fc2.weight]
+        decay = [self.fc1.weight, self.fc2.weight] + ([t.weight for t in self.emb.tables] if self.emb else [])
+        rest = [p for p in self.parameters() if all(p is not d for d in decay)]
+        return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+class DCN(Scorer):
+    """A deep & cross network (DCN-v2, Wang et al. 2021, "parallel" form): ``cross`` full-rank cross layers
+    x_{l+1} = x0 * (W_l x_l + b_l) + x_l beside the MLP's two ReLU layers, both on the normalised features,
+    concatenated into one output unit. The cross layers model feature products (e.g. an IP's distinct users
+    times its click rate) explicitly, which an MLP of this size has to approximate. L2 on every weight matrix
+    except the output's, as the MLP."""
+
+    kind = "dcn"
+
+    def __init__(self, norm: Normalizer, n_features: int, hidden: Sequence[int] = (64, 32), cross: int = 2,
+                 emb: Embeddings | None = None) -> None:
+        super().__init__()
+        h1, h2 = hidden
+        d = n_features + (emb.dim if emb else 0)
+        self.norm = norm
+        self.emb = emb
+        self.cross = nn.ModuleList(nn.Linear(d, d) for _ in range(cross))
+        self.fc1 = nn.Linear(d, h1)
+        self.fc2 = nn.Linear(h1, h2)
+        self.out = nn.Linear(h2 + d, 1)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        x0 = self.norm(x) if self.emb is None else torch.cat([self.norm(x), self.emb(x)], dim=-1)
+        xl = x0
+        for layer in self.cross:
+            xl = x0 * layer(xl) + xl
+        h = torch.relu(self.fc2(torch.relu(self.fc1(x0))))
+        return self.out(torch.cat([h, xl], dim=-1)).squeeze(-1)
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, object]]:
+        decay = [self.fc1.weight, self.fc2.weight] + [c.weight for c in self.cross]
+        decay += [t.weight for t in self.emb.tables] if self.emb else []
         rest = [p for p in self.parameters() if all(p is not d for d in decay)]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 

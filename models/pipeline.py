@@ -172,16 +172,22 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
 
 
 def reason_reference(td: TrainingData) -> dict[str, Any]:
-    """The reason codes' reference clicks (``stream.scoring.reason_groups``): per feature, the median over the
-    training split's weak-labelled human clicks (all training clicks when none is labelled human), overall
-    (``all``) and per slice (``slices``: a slice with fewer than ``REFERENCE_MIN_ROWS`` such clicks has none and
-    uses ``all``)."""
+    """The reason codes' reference clicks (``stream.scoring.reason_groups``): per feature, the median (a hashed
+    category: bucket 0, unknown) over the training split's weak-labelled human clicks (all training clicks when
+    none is labelled human), overall (``all``) and per slice (``slices``: a slice with fewer than
+    ``REFERENCE_MIN_ROWS`` such clicks has none and uses ``all``)."""
     tr = td.rows(TRAIN)
     human = tr & (td.label == 0)
     base = human if human.any() else tr if tr.any() else np.ones(len(td.x), dtype=bool)
 
+    from stream.features import CATEGORIES, FEATURE_NAMES
+
+    cats = [FEATURE_NAMES.index(n) for n, _ in CATEGORIES]
+
     def median(m: np.ndarray) -> list[float]:
-        return [round(float(v), 6) for v in np.median(td.x[m], axis=0)] if m.any() else [0.0] * td.x.shape[1]
+        ref = np.median(td.x[m], axis=0) if m.any() else np.zeros(td.x.shape[1])
+        ref[cats] = 0.0  # a hashed category's reference is "unknown" (bucket 0), not a median of bucket ids
+        return [round(float(v), 6) for v in ref]
 
     slices = {str(sl): median(base & (td.slices == sl)) for sl in sorted(set(td.slices[base].tolist()))
               if int((base & (td.slices == sl)).sum()) >= REFERENCE_MIN_ROWS}

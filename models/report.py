@@ -1,8 +1,9 @@
 """``slidr report``: one Markdown file with PNG plots beside it (matplotlib, Agg backend).
 
-Sections: baselines (MLP from the model folder vs logistic regression and the velocity heuristic trained
-here on the same data), IVR-FPR curves per slice with the calibrated operating points, global vs slice-level
-calibration at the same FPR budget, per-archetype recall/precision (simulated data), weights ablation.
+Sections: baselines (the model from the model folder vs the MLP or the deep & cross network, logistic
+regression and the velocity heuristic trained here on the same data), IVR-FPR curves per slice with the
+calibrated operating points, global vs slice-level calibration at the same FPR budget, per-archetype
+recall/precision (simulated data), weights ablation.
 """
 
 from __future__ import annotations
@@ -44,12 +45,21 @@ def _scores_of(kind: str, td: TrainingData, cfg: TrainConfig) -> tuple[np.ndarra
     return predict(model, td.x), hist
 
 
-def baselines(td: TrainingData, mlp_scores: np.ndarray, cfg: TrainConfig) -> dict[str, dict[str, Any]]:
-    """Test-split figures of the MLP and the two baselines at the same single-threshold FPR budget."""
+KINDS = ("mlp", "dcn", "logreg", "heuristic")
+
+
+def baselines(td: TrainingData, served: np.ndarray, cfg: TrainConfig, served_kind: str = "mlp",
+              served_training: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Test-split figures of the served model (``served``: its scores, of kind ``served_kind``) and every other kind
+    trained here with the same config (the 3-layer MLP, the deep & cross network, logistic regression, the
+    velocity heuristic), at the same single-threshold FPR budget. Each row has the validation day's weighted
+    loss (``val_loss``: what picks between the learned kinds, the truth never does): of those trained here, and of
+    the served one from its manifest's ``served_training`` (``training.best_val_loss``)."""
     out: dict[str, dict[str, Any]] = {}
     te, va = td.rows(TEST), td.rows(VAL)
-    for kind in ("mlp", "logreg", "heuristic"):
-        s = mlp_scores if kind == "mlp" else _scores_of(kind, td, cfg)[0]
+    for kind in KINDS:
+        hist: dict[str, Any] = {}
+        s, hist = (served, served_training or {}) if kind == served_kind else _scores_of(kind, td, cfg)
         t = threshold_at_fpr(s[va], td.purchased[va], cfg.fpr_budget)  # chosen on validation
         flag = s[te] >= t
         row: dict[str, Any] = {
@@ -58,10 +68,14 @@ def baselines(td: TrainingData, mlp_scores: np.ndarray, cfg: TrainConfig) -> dic
             "val_threshold_ivr": float(flag.mean()),
             "val_threshold_fpr": float(flag[td.purchased[te]].mean()) if td.purchased[te].any() else None,
         }
+        if hist.get("best_val_loss") is not None:
+            row["val_loss"] = hist["best_val_loss"]
         tr = td.truth(te)
         if tr is not None:
-            row["recall_at_1pct_fir"] = recall_at_fir(s[te], tr[0], tr[1], 0.01)["bot_recall"]
-        out[kind] = row | {"scores": s}
+            r = recall_at_fir(s[te], tr[0], tr[1], 0.01)
+            row["recall_at_1pct_fir"] = r["bot_recall"]
+            row["archetypes"] = {a: v["invalidated"] for a, v in r["archetypes"].items() if v["is_bot"]}
+        out[kind + (" (served)" if kind == served_kind else "")] = row | {"scores": s}
     return out
 
 
@@ -75,15 +89,16 @@ def lightgbm_reference(td: TrainingData, mlp_scores: np.ndarray, cfg: TrainConfi
     except ImportError:
         return None
     from models.train import sample_weights
-    from stream.features import FEATURE_NAMES
+    from stream.features import CATEGORIES, FEATURE_NAMES
 
     x = td.x.copy()
     x[:, [FEATURE_NAMES.index(n) for n in cfg.drop_features]] = 0.0
+    cats = [FEATURE_NAMES.index(n) for n, _ in CATEGORIES if n not in cfg.drop_features]  # its own categorical splits
     tr, va, te = td.rows(TRAIN), td.rows(VAL), td.rows(TEST)
     params = {"objective": "binary", "learning_rate": 0.05, "num_leaves": 31, "min_data_in_leaf": 50,
               "bagging_fraction": 0.8, "bagging_freq": 1, "feature_fraction": 0.9, "seed": cfg.seed,
               "num_threads": max(1, cfg.threads), "verbose": -1}
-    dtrain = lgb.Dataset(x[tr], td.label[tr], weight=sample_weights(td, tr, cfg))
+    dtrain = lgb.Dataset(x[tr], td.label[tr], weight=sample_weights(td, tr, cfg), categorical_feature=cats)
     dval = lgb.Dataset(x[va], td.label[va], weight=sample_weights(td, va, cfg), reference=dtrain)
     booster = lgb.train(params, dtrain, num_boost_round=400, valid_sets=[dval],
                         callbacks=[lgb.early_stopping(20, verbose=False)])
@@ -329,15 +344,21 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
                                "label_maturity": lm}
 
     # --- baselines -----------------------------------------------------------------------------------------
-    bl = baselines(td, s, cfg)
+    bl = baselines(td, s, cfg, manifest.get("kind", "mlp"), manifest.get("training"))
     truth = td.truth(te) is not None
-    hdr = ["model", "test AUC", f"test IVR @ FPR<={budget:g}", "IVR (val thr.)", "FPR (val thr.)"]
+    hdr = ["model", "test AUC", f"test IVR @ FPR<={budget:g}", "IVR (val thr.)", "FPR (val thr.)", "val loss"]
     hdr += ["bot recall @ 1% FIR"] if truth else []
-    rows = [[k, r["auc"], r["ivr_at_budget_test"], r["val_threshold_ivr"], r["val_threshold_fpr"]]
+    rows = [[k, r["auc"], r["ivr_at_budget_test"], r["val_threshold_ivr"], r["val_threshold_fpr"], r.get("val_loss")]
             + ([r["recall_at_1pct_fir"]] if truth else []) for k, r in bl.items()]
     md += ["## Baselines (held-out test day, one threshold)", "",
            "IVR at the budget: the best single threshold on the test day itself; (val thr.): the threshold "
-           "chosen on the validation day applied to the test day.", "", _table(hdr, rows), ""]
+           "chosen on the validation day applied to the test day; val loss: the weighted validation loss of the "
+           "kinds trained here (what chooses between them; the served model's is in its manifest).", "",
+           _table(hdr, rows), ""]
+    if truth:
+        names = sorted(next(iter(bl.values()))["archetypes"])
+        md += ["Bot recall at 1% human false-invalidation per archetype (test day):", "",
+               _table(["archetype", *bl], [[a, *(r["archetypes"][a] for r in bl.values())] for a in names]), ""]
     figures["baselines"] = {k: {kk: vv for kk, vv in r.items() if kk != "scores"} for k, r in bl.items()}
     ref = lightgbm_reference(td, s, cfg)
     if ref is not None:

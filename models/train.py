@@ -1,7 +1,7 @@
 """Training data (shared stream features + weak labels + weights) and the trainer for every model kind.
 
     td = build_training_data(load_dataset(dir), cfg)   # features via stream.features.featurize
-    model, history = train(td, cfg)                     # mlp | logreg | heuristic, early stopping on val
+    model, history = train(td, cfg)                     # mlp | dcn | logreg | heuristic, early stopping on val
 """
 
 from __future__ import annotations
@@ -166,19 +166,25 @@ def drop_profiles(x: npt.NDArray[np.float32], share: float, seed: int
 
 def make_model(kind: str, x_train: npt.NDArray[np.float32], cfg: TrainConfig) -> Any:
     """An untrained scorer of ``kind`` (normalisation statistics from the training rows)."""
-    from models.nets import MLP, Heuristic, LogReg, Normalizer
-    from stream.features import FEATURE_NAMES
+    from models.nets import DCN, MLP, Embeddings, Heuristic, LogReg, Normalizer
+    from stream.features import CATEGORIES, FEATURE_NAMES
 
     f = x_train.shape[1]
     drop = [FEATURE_NAMES.index(n) for n in cfg.drop_features]
+    # bucket ids are not quantities: the normalised input never has them; the networks embed those not dropped
+    cats = [(FEATURE_NAMES.index(n), size) for n, size in CATEGORIES if n not in cfg.drop_features]
+    drop += [FEATURE_NAMES.index(n) for n, _ in CATEGORIES if FEATURE_NAMES.index(n) not in drop]
+    emb = Embeddings([c for c, _ in cats], [n for _, n in cats], cfg.embed_dim) if cats and cfg.embed_dim else None
     if kind == "mlp":
-        return MLP(Normalizer.fit(x_train, drop), f, cfg.hidden)
+        return MLP(Normalizer.fit(x_train, drop), f, cfg.hidden, emb)
+    if kind == "dcn":
+        return DCN(Normalizer.fit(x_train, drop), f, cfg.hidden, cfg.cross_layers, emb)
     if kind == "logreg":
         return LogReg(Normalizer.fit(x_train, drop), f)
     if kind == "heuristic":
         return Heuristic(FEATURE_NAMES.index("u_clicks_1m"), FEATURE_NAMES.index("u_clicks_1h"),
                          cfg.heuristic_half_1m, cfg.heuristic_half_1h)
-    raise ValueError(f"unknown model kind {kind!r}: mlp | logreg | heuristic")
+    raise ValueError(f"unknown model kind {kind!r}: mlp | dcn | logreg | heuristic")
 
 
 def train(td: TrainingData, cfg: TrainConfig, kind: str | None = None) -> tuple[Any, dict[str, Any]]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import math
+import re
 import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
@@ -38,7 +39,7 @@ import numpy as np
 import orjson
 
 # --- the spec ---------------------------------------------------------------------------------------------
-FEATURE_VERSION = 2
+FEATURE_VERSION = 3
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -50,6 +51,11 @@ GAP_CAP_S = 86_400.0  # seconds since the previous click, capped; also the value
 GAP_EWMA_ALPHA = 0.2  # EWMA weight of the newest log gap
 DISTINCT_CAP = 256  # most recent distinct keys remembered per set (users, sessions, ads, ...; exact below the cap)
 PLATFORMS = ("desktop", "mobile", "app")
+# hashed categories (issue 18, item 3): a click's user agent family and placement as bucket ids, which the learned
+# models embed (``models.nets.Embeddings``) and every other consumer of the vector ignores. Bucket 0 = empty;
+# others crc32 % (n - 1) + 1. A value never seen in training lands in a bucket whose embedding stayed at its zero
+# start (or is shared with a seen value: hashing, not a vocabulary, so no state and nothing to update online).
+CATEGORIES: tuple[tuple[str, int], ...] = (("ua_family", 1024), ("placement", 64))
 
 FEATURE_NAMES: tuple[str, ...] = (
     # per user key
@@ -63,6 +69,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     "hour_sin", "hour_cos", "dow_sin", "dow_cos",
     # click
     "logged_in", "platform_desktop", "platform_mobile", "platform_app",
+    # hashed categories (CATEGORIES): bucket ids, not quantities
+    "ua_family", "placement",
     # profile (Redis): -1 when unknown (anonymous or not in the cache); all -1 / 0 when the cache is unreachable
     # (MISSING_PROFILE: ip_datacenter -1 marks it, a value a reachable cache never gives)
     "rfm_score", "rfm_known", "account_age_days", "ip_datacenter",
@@ -82,6 +90,8 @@ FEATURE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ip_agents", ("ip_uas_24h",)),
     ("time_of_day", ("hour_sin", "hour_cos", "dow_sin", "dow_cos")),
     ("slice", ("logged_in", "platform_desktop", "platform_mobile", "platform_app")),
+    ("ua_family", ("ua_family",)),
+    ("placement", ("placement",)),
     ("customer_profile", ("rfm_score", "rfm_known", "account_age_days")),
     ("ip_datacenter", ("ip_datacenter",)),
 )  # fmt: skip
@@ -100,6 +110,9 @@ FEATURE_SPEC: dict[str, Any] = {
     "entities": "per user key and per IP: distinct ads (1 h, 24 h) and seconds since the same key's previous click "
                 "on the same ad; per IP: distinct user agents (24 h, by crc32)",
     "platforms": list(PLATFORMS),
+    "categories": {"buckets": dict(CATEGORIES), "hash": "crc32(utf-8) % (n - 1) + 1, 0 for an empty value",
+                   "ua_family": "lowercased, each dotted version cut to its first number (Chrome/131.0.0.0 -> "
+                                "chrome/131)"},
     "time": "local if tz_offset_min else UTC; hour = fractional hour of day, dow Monday=0",
     "missing_profile": [-1.0, 0.0, -1.0, -1.0],
     "ip_key": "canonical IPv4 (IPv4-mapped IPv6 as IPv4), IPv6 by its /64; ranges /24 and /48",
@@ -129,6 +142,8 @@ class ClickLike(Protocol):
     def ad_id(self) -> str: ...
     @property
     def user_agent(self) -> str: ...
+    @property
+    def placement(self) -> str: ...
     @property
     def user_key(self) -> str: ...
     @property
@@ -395,6 +410,28 @@ def lookup_profile(click: ClickLike, get: Callable[[str], bytes | str | None]) -
 # --- the vector -------------------------------------------------------------------------------------------
 _TAU = 2.0 * math.pi
 _PLAT = {p: tuple(1.0 if p == q else 0.0 for q in PLATFORMS) for p in PLATFORMS}
+_DOTTED_VERSION = re.compile(r"(\d+)(?:\.\d+)+")
+_BUCKETS = dict(CATEGORIES)
+
+
+def ua_family(user_agent: str) -> str:
+    """A user agent's family and major versions: lowercased, each dotted version cut to its first number."""
+    return _DOTTED_VERSION.sub(r"\1", user_agent.strip().lower())
+
+
+def bucket(value: str, n: int) -> float:
+    """A category's bucket id among ``n`` (0: empty)."""
+    return float(zlib.crc32(value.encode("utf-8", "surrogatepass")) % (n - 1) + 1) if value else 0.0
+
+
+@lru_cache(maxsize=1 << 12)
+def _ua_bucket(user_agent: str) -> float:
+    return bucket(ua_family(user_agent), _BUCKETS["ua_family"])
+
+
+@lru_cache(maxsize=1 << 10)
+def _placement_bucket(placement: str) -> float:
+    return bucket(placement.strip().lower(), _BUCKETS["placement"])
 
 
 def assemble(click: ClickLike, user_feats: list[float], ip_feats: list[float],
@@ -408,6 +445,7 @@ def assemble(click: ClickLike, user_feats: list[float], ip_feats: list[float],
     return [*user_feats, *ip_feats,
             math.sin(a), math.cos(a), math.sin(b), math.cos(b),
             1.0 if click.logged_in else 0.0, *_PLAT[click.platform],
+            _ua_bucket(click.user_agent), _placement_bucket(click.placement),
             *profile]
 
 
@@ -444,7 +482,7 @@ def _probe() -> tuple[list[Any], dict[str, bytes]]:
         ip = "10.1.2.3" if i % 2 else "192.0.2.77"
         out.append(SimpleNamespace(
             click_id=f"p{i}", ts=ts, ip=ip, ip_key=ip, session_id=f"s{u}", customer_id=cust,
-            ad_id=f"ad{i % 4}", user_agent=f"ua{(i // 3) % 3}",
+            ad_id=f"ad{i % 4}", user_agent=f"UA/{(i // 3) % 3}.1.2", placement=("", "top", "side")[i % 3],
             logged_in=cust is not None, platform=PLATFORMS[i % 3], tz_offset_min=(60 * (i % 5) - 120) or None,
             user_key=f"c:{cust}" if cust else f"s:s{u}"))
     out.sort(key=lambda c: c.ts)

@@ -11,10 +11,11 @@ T0 = 1_700_000_000_000  # 2023-11-14T22:13:20Z, a Tuesday
 
 def click(i: int, ts: int, *, ip: str = "10.0.0.1", session: str = "s1", customer: str | None = None,
           platform: str = "desktop", tz: int | None = None, advertiser: str = "adv1", cpc: float = 0.5,
-          ad: str = "ad1", ua: str = "") -> Click:
+          ad: str = "ad1", ua: str = "", placement: str = "") -> Click:
     return Click(click_id=f"c{i}", ts=ts, ip=ip, session_id=session, customer_id=customer,
                  logged_in=customer is not None, platform=platform, ad_id=ad, campaign_id="cmp1",  # type: ignore[arg-type]
-                 advertiser_id=advertiser, cpc=cpc, tz_offset_min=tz, user_agent=ua)
+                 advertiser_id=advertiser, cpc=cpc, tz_offset_min=tz, user_agent=ua,
+                 placement=placement)
 
 
 def traffic(n: int, seed: int = 0, *, users: int = 300, ips: int = 60, rate_ms: int = 50,

@@ -49,7 +49,7 @@ def test_export_matches_torch(td, tmp_path: Path) -> None:  # type: ignore[no-un
     from models.train import train
 
     rows = td.x[:5000]
-    for kind in ("mlp", "logreg", "heuristic"):
+    for kind in ("mlp", "dcn", "logreg", "heuristic"):
         model, _ = train(td, CFG.replace(epochs=1), kind)
         path = export_onnx(model, td.x.shape[1], tmp_path / f"{kind}.onnx")
         got = score_onnx(path, rows)
@@ -110,9 +110,12 @@ def test_degraded_profile_keeps_auc(td) -> None:  # type: ignore[no-untyped-def]
 
 def test_group_ablation_retrains_without_each_group(td) -> None:  # type: ignore[no-untyped-def]
     """The feature-group ablation has a row per group plus the served model's, each with the test day's AUC and
-    the per-archetype recall at 1% human false-invalidation; the served row is the scores given; dropping the user
-    features (velocity or timing) costs bot recall on this data, whose bots click fast (its weak-label AUC no
-    longer moves since feature version 2: the per-user ad features carry much of the same signal)."""
+    the per-archetype recall at 1% human false-invalidation; the served row is the scores given; dropping the
+    per-user ad features (distinct ads, time since the same ad) costs bot recall on this data. Measured for this
+    test (feature version 3, 4 epochs), bot recall all / without user_ads, training seeds 1-3: embeddings off
+    0.178 / 0.128, 0.198 / 0.127, 0.133 / 0.046; embeddings on (the default) 0.160 / 0.110, 0.197 / 0.132,
+    0.160 / 0.129. The user velocity and timing groups, checked here before, cost recall on some seeds only
+    (with embeddings, seed 1: 0.160 all, 0.195 without user_timing)."""
     from models.nets import predict
     from models.report import group_ablation
     from models.train import train
@@ -127,7 +130,7 @@ def test_group_ablation_retrains_without_each_group(td) -> None:  # type: ignore
     assert ga["all"]["auc"] == roc_auc(s[te], td.label[te])
     for r in ga.values():
         assert 0.0 <= r["bot_recall"] <= 1.0 and set(r["archetypes"]) == set(ga["all"]["archetypes"])
-    assert max(ga["user_velocity"]["bot_recall"], ga["user_timing"]["bot_recall"]) < ga["all"]["bot_recall"], ga
+    assert ga["user_ads"]["bot_recall"] < ga["all"]["bot_recall"], ga
 
 
 def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -152,12 +155,18 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
 
     tr_human = td.rows(TRAIN) & (td.label == 0)
     ref = manifest["reason_reference"]
-    assert ref["all"] == pytest.approx(np.median(td.x[tr_human], axis=0).tolist(), abs=1e-5)
+    from stream.features import CATEGORIES
+
+    med = np.median(td.x[tr_human], axis=0)
+    med[[FEATURE_NAMES.index(n) for n, _ in CATEGORIES]] = 0.0  # a category's reference is bucket 0 (unknown)
+    assert ref["all"] == pytest.approx(med.tolist(), abs=1e-5)
     counts = {sl: int((tr_human & (td.slices == sl)).sum()) for sl in set(td.slices.tolist())}
     assert set(ref["slices"]) == {sl for sl, n in counts.items() if n >= REFERENCE_MIN_ROWS}, counts
     assert ref["slices"], counts  # the logged-in slices have enough here (logged-out ones: purchases only)
     for sl, v in ref["slices"].items():
-        assert v == pytest.approx(np.median(td.x[tr_human & (td.slices == sl)], axis=0).tolist(), abs=1e-5)
+        med = np.median(td.x[tr_human & (td.slices == sl)], axis=0)
+        med[[FEATURE_NAMES.index(n) for n, _ in CATEGORIES]] = 0.0
+        assert v == pytest.approx(med.tolist(), abs=1e-5)
         platform, _, who = sl.partition(":")
         assert v[FEATURE_NAMES.index("logged_in")] == (1.0 if who == "in" else 0.0)
         assert v[FEATURE_NAMES.index(f"platform_{platform}")] == 1.0
@@ -196,6 +205,12 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
     assert ref["trees"] >= 1 and 0.5 < ref["auc"]["lightgbm"] <= 1.0
     assert set(ref["lightgbm"]["archetypes"]) == set(ref["mlp"]["archetypes"])
     assert set(figures["label_audit"]["rules_train"]) == {"slidr", "rfm_needs_history"}
+    # every kind beside the served one, each learned kind with the validation loss that chooses between them
+    bl = figures["baselines"]
+    assert set(bl) == {"mlp (served)", "dcn", "logreg", "heuristic"}
+    assert bl["mlp (served)"]["val_loss"] == manifest["training"]["best_val_loss"]
+    assert all(0.0 < bl[k]["val_loss"] < 1.0 for k in ("dcn", "logreg")) and "val_loss" not in bl["heuristic"]
+    assert set(bl["dcn"]["archetypes"]) == set(bl["mlp (served)"]["archetypes"])
 
 
 @needs_shared(TALKINGDATA_CSV)

@@ -30,7 +30,7 @@ def _run_user(clicks: list[Click]) -> tuple[F.State, list[list[float]]]:
 
 def test_spec_and_hash_are_stable() -> None:
     assert len(F.FEATURE_NAMES) == F.N_FEATURES == len(set(F.FEATURE_NAMES))
-    assert F.N_USER + F.N_IP + 4 + 4 + 4 == F.N_FEATURES
+    assert F.N_USER + F.N_IP + 4 + 4 + len(F.CATEGORIES) + 4 == F.N_FEATURES
     assert len(F.FEATURE_SPEC_HASH) == 64
     assert F.FEATURE_SPEC["names"] == list(F.FEATURE_NAMES)
 
@@ -175,6 +175,25 @@ def test_assemble_time_platform_profile() -> None:
     # local time: UTC-06:00 makes it midnight local
     v2 = F.assemble(click(0, ts, tz=-360), [0.0] * 7, [0.0] * 6, (-1.0, 0.0, -1.0, 0.0))
     assert abs(v2[13]) < 1e-12 and math.isclose(v2[14], 1.0)
+
+
+def test_hashed_categories_are_bucket_ids_of_normalised_values() -> None:
+    """User agent family (lowercased, dotted versions cut to the major) and placement as bucket ids in [1, n);
+    0 for an empty value. Minor versions share a family's bucket; another major version or family may not."""
+    chrome = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0"
+    assert F.ua_family(chrome).endswith("chrome/131") and "windows nt 10;" in F.ua_family(chrome)
+    n_ua, n_pl = dict(F.CATEGORIES)["ua_family"], dict(F.CATEGORIES)["placement"]
+
+    def cats(**kw: str) -> tuple[float, float]:
+        d = dict(zip(F.FEATURE_NAMES, F.assemble(click(0, T0, **kw), [0.0] * F.N_USER, [0.0] * F.N_IP,
+                                                   F.MISSING_PROFILE), strict=True))
+        return d["ua_family"], d["placement"]
+
+    assert cats() == (0.0, 0.0)
+    ua, pl = cats(ua=chrome, placement="search_top")
+    assert 1 <= ua < n_ua and 1 <= pl < n_pl and ua == int(ua) and pl == int(pl)
+    assert cats(ua=chrome.replace("131.0.0.0", "131.0.6778.86"), placement=" Search_Top") == (ua, pl)
+    assert cats(ua="curl/8.5.0")[0] == cats(ua="curl/8.11.1")[0] != cats(ua="python-requests/2.32.3")[0]
 
 
 def test_profiles_build_and_lookup() -> None:
