@@ -59,7 +59,8 @@ def worker_env(s: Settings) -> dict[str, str]:
     env.update({"SLIDR_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "SLIDR_PARTITIONS": str(s.partitions),
                 "SLIDR_TOPIC_PREFIX": s.topic_prefix, "SLIDR_WORKER_ID": s.worker_id,
                 "SLIDR_REDIS_KEY_PREFIX": s.redis_key_prefix, "SLIDR_HOME": str(s.home),
-                "SLIDR_REGISTRY_PATH": str(s.registry_path), "SLIDR_WORKER_WEB_PORT": "0"})
+                "SLIDR_REGISTRY_PATH": str(s.registry_path), "SLIDR_WORKER_WEB_PORT": "0",
+                "SLIDR_METRICS_PORT": str(s.metrics_port)})
     return env
 
 

@@ -20,7 +20,12 @@ clicks/s), so at low rates the per-key state still fills during the run (a few h
 - ``worker_cpu_pct``: its user + system CPU time over the interval, in % of one core;
 - ``p99_latency_ms``: p99 over the clicks first decided in the interval of decision CreateTime minus click
   CreateTime (both wall clock here);
-- ``decisions_per_s``: distinct clicks decided in the interval per second.
+- ``decisions_per_s``: distinct clicks decided in the interval per second;
+- ``rocksdb_mib``: RocksDB's own accounting of the worker's table stores (memtables, block caches, table readers;
+  the worker's ``slidr_table_rocksdb_bytes`` gauges, read from its metrics endpoint, refreshed every 5 s) and
+  ``rss_less_rocksdb_mib``, the rest of the RSS (Python's heap, onnxruntime, the clients): where RSS growth is.
+  Their trends are reported under ``memory_split``, outside ``all_flat`` (RocksDB's part is bounded by the
+  settings' memtable and cache sizes per store and may fill towards that bound).
 
 Per metric we report the series, first / last / mean, and the least-squares slope per minute (``numpy.polyfit``,
 degree 1) over the samples taken after the warm-up: the first minute (the first half of runs shorter than two
@@ -156,6 +161,32 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
+def _rocksdb_mib(port: int) -> float | None:
+    """The worker's RocksDB memory (its ``slidr_table_rocksdb_bytes`` gauges, every kind but ``sst_files``) in MiB;
+    None when its metrics endpoint does not answer."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    total, seen = 0.0, False
+    for line in text.splitlines():
+        if line.startswith("slidr_table_rocksdb_bytes{") and 'kind="sst_files"' not in line:
+            total += float(line.rsplit(" ", 1)[1])
+            seen = True
+    return total / 2**20 if seen else None
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def _check_loopback(bootstrap: str) -> None:
     for b in bootstrap.split(","):
         host = b.strip().rsplit(":", 1)[0]
@@ -252,7 +283,7 @@ async def _sampler(s: Any, topic: str, nparts: int, worker: subprocess.Popen[byt
     await offs.start()
     series: dict[str, list[Any]] = {k: [] for k in ("t_s", "sent", "decided", "decision_lag", "commit_lag",
                                                      "worker_rss_mib", "worker_cpu_pct", "p99_latency_ms",
-                                                     "decisions_per_s")}
+                                                     "decisions_per_s", "rocksdb_mib", "rss_less_rocksdb_mib")}
     try:
         start = {tp.partition: o for tp, o in (await offs.beginning_offsets(tps)).items()}
         await started.wait()
@@ -278,6 +309,9 @@ async def _sampler(s: Any, topic: str, nparts: int, worker: subprocess.Popen[byt
             series["worker_cpu_pct"].append(round(100.0 * (cpu - prev_cpu) / dt, 1))
             series["p99_latency_ms"].append(round(float(np.percentile(lat, 99)), 1) if lat else None)
             series["decisions_per_s"].append(round((dec - prev_dec) / dt, 1))
+            rocks = await asyncio.to_thread(_rocksdb_mib, s.metrics_port) if s.metrics_port else None
+            series["rocksdb_mib"].append(None if rocks is None else round(rocks, 1))
+            series["rss_less_rocksdb_mib"].append(None if rocks is None else round(rss - rocks, 1))
             prev_t, prev_cpu, prev_dec = now, cpu, dec
             k += 1
     finally:
@@ -337,15 +371,17 @@ def _run_soak(rate: float, duration_s: float, sample_s: float, timeout_s: float,
     """One soak: fresh topics and worker, 500 warm-up clicks, then ``rate`` clicks/s for ``duration_s``."""
     from stream.synth import traffic
 
-    with bench_topics("soak") as (s, t, tmp), running_worker(s, tmp) as w:
-        warm = traffic(500, seed=99)
-        asyncio.run(produce(s, t.clicks, keyed(warm)))
-        if len({m.key for m in asyncio.run(consume_count(s, t.decisions, len(warm), timeout_s))}) < len(warm):
-            raise RuntimeError(f"the worker did not decide the {len(warm)} warm-up clicks in {timeout_s} s")
-        res = asyncio.run(asyncio.wait_for(
-            _soak(s, t, w, rate, duration_s, sample_s, timeout_s, max(c.ts for c in warm), skip, event_scale),
-            timeout=duration_s + 3 * timeout_s + 60))
-        res["partitions"] = s.partitions
+    with bench_topics("soak") as (s0, t, tmp):
+        s = s0.model_copy(update={"metrics_port": _free_port()})  # its RocksDB gauges split the RSS
+        with running_worker(s, tmp) as w:
+            warm = traffic(500, seed=99)
+            asyncio.run(produce(s, t.clicks, keyed(warm)))
+            if len({m.key for m in asyncio.run(consume_count(s, t.decisions, len(warm), timeout_s))}) < len(warm):
+                raise RuntimeError(f"the worker did not decide the {len(warm)} warm-up clicks in {timeout_s} s")
+            res = asyncio.run(asyncio.wait_for(
+                _soak(s, t, w, rate, duration_s, sample_s, timeout_s, max(c.ts for c in warm), skip, event_scale),
+                timeout=duration_s + 3 * timeout_s + 60))
+            res["partitions"] = s.partitions
     return res
 
 
@@ -386,6 +422,7 @@ def run(rate: float | None = None, minutes: float = 10.0, sample_s: float = 5.0,
     floors = {"decision_lag": rate, "commit_lag": rate, "worker_rss_mib": 0.0, "worker_cpu_pct": 5.0,
               "p99_latency_ms": 10.0, "decisions_per_s": 0.0}
     metrics = {m: trend(series["t_s"], series[m], skip, floor) for m, floor in floors.items()}
+    memory_split = {m: trend(series["t_s"], series[m], skip) for m in ("rocksdb_mib", "rss_less_rocksdb_mib")}
     out.update({
         "rate": round(rate, 1), "minutes": minutes, "sample_s": sample_s, "partitions": partitions,
         "cpu_cores": os.cpu_count(), "clicks": int(rate * duration_s), "sent": res["sent"],
@@ -400,6 +437,6 @@ def run(rate: float | None = None, minutes: float = 10.0, sample_s: float = 5.0,
                      f"{skip:g} s; floors {floors}",
         "all_flat": all_flat(metrics),
         "flat": {k: v["flat"] for k, v in metrics.items()},
-        "metrics": metrics, "series": series,
+        "metrics": metrics, "memory_split": memory_split, "series": series,
     })
     return out

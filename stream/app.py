@@ -249,6 +249,9 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
             metrics.CONSUMER_LAG.labels(tp.topic, str(tp.partition)).set(lag)
         metrics.TABLE_KEYS.labels(USERS_TABLE).set(sum(users.writer.count.values()))
         metrics.TABLE_KEYS.labels(IPS_TABLE).set(sum(ips.writer.count.values()))
+        for name, stage in ((USERS_TABLE, users), (IPS_TABLE, ips)):
+            for kind, n in stage.writer.memory().items():
+                metrics.TABLE_ROCKSDB.labels(name, kind).set(n)
 
     inputs = {t.clicks, by_user_name, by_ip_name}  # (not the changelogs: recovered, then only written)
     health = Health((users, ips), lambda: sum(n for tp, n in faust_fixes.consumer_lag(app.consumer).items()

@@ -32,6 +32,8 @@ WATERMARK_FORCED = Counter("slidr_watermark_forced_total", "Clicks the IP stage 
 HELD = Gauge("slidr_ip_held_clicks", "Clicks the IP stage holds until the watermark passes them")
 REDIS_UP = Gauge("slidr_profile_cache_up", "1 while the profile cache answers, 0 in degraded mode")
 TABLE_KEYS = Gauge("slidr_table_keys", "Keys held by a table (this worker's partitions)", ["table"])
+TABLE_ROCKSDB = Gauge("slidr_table_rocksdb_bytes", "RocksDB's own accounting of a table's stores on this worker: "
+                      "memtables, block_cache, table_readers (memory) and sst_files (disk)", ["table", "kind"])
 COMMIT_PAST_UNHANDLED = Counter("slidr_commit_past_unhandled_total", "Committed offsets this worker found past clicks "
                                 "its stage never handled (fetched again; a broken commit rule)", ["stage"])
 EVICTED = Counter("slidr_table_evictions_total", "Keys evicted before their TTL (partition over its bound)",

@@ -25,6 +25,11 @@ from stream import features as F
 from stream.publish import Publisher
 
 _MISSING = object()
+# RocksDB's own accounting of a store, in bytes (``TableWriter.memory``): the first three are memory, the last disk
+ROCKSDB_PROPERTIES = {"memtables": "rocksdb.cur-size-all-mem-tables",
+                      "block_cache": "rocksdb.block-cache-usage",
+                      "table_readers": "rocksdb.estimate-table-readers-mem",
+                      "sst_files": "rocksdb.total-sst-files-size"}
 
 
 class ClickView(SimpleNamespace, ClickKeys):
@@ -97,6 +102,16 @@ class TableWriter:
             db = self.store._db_for_partition(partition)
             n = self.count[partition] = int(db.property_int_value("rocksdb.estimate-num-keys") or 0)
         return n
+
+    def memory(self) -> dict[str, int]:
+        """``ROCKSDB_PROPERTIES`` summed over this worker's open partition stores of the table (each store has a
+        block cache of its own, so the sum is what the process holds): what of the worker's RSS is RocksDB's,
+        bounded by the settings' memtable and cache sizes per store."""
+        out = dict.fromkeys(ROCKSDB_PROPERTIES, 0)
+        for db in list(self.store._dbs.values()):
+            for name, prop in ROCKSDB_PROPERTIES.items():
+                out[name] += int(db.property_int_value(prop) or 0)
+        return out
 
     def put(self, partition: int, key: bytes, state: F.State | None) -> None:
         self.pending[(partition, key)] = state

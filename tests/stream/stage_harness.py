@@ -61,7 +61,7 @@ def table_writer(folder: Path, name: str) -> tuple[TableWriter, dict[int, rocksd
             dbs[p] = rocksdict.Rdict(str(folder / f"{name}-p{p}"), options=rocksdict.Options(raw_mode=True))
         return dbs[p]
 
-    store = SimpleNamespace(_db_for_partition=db_for, set_persisted_offset=lambda tp, o: None)
+    store = SimpleNamespace(_db_for_partition=db_for, _dbs=dbs, set_persisted_offset=lambda tp, o: None)
     table = SimpleNamespace(data=store, changelog_topic=SimpleNamespace(get_topic_name=lambda: f"{name}-changelog"))
     return TableWriter(table), dbs
 

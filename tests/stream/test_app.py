@@ -59,6 +59,31 @@ def _writer(tmp_path: Path) -> tuple[TableWriter, dict[int, rocksdict.Rdict]]:
     return table_writer(tmp_path, "t")
 
 
+def test_rocksdb_memory_is_rocksdb_s_own_accounting_over_the_open_stores(tmp_path: Path) -> None:
+    """``memory`` sums RocksDB's properties over every open partition store: states written go into the
+    memtables (so they grow), a flush moves them into sst files on disk and empties the memtables."""
+    from aiokafka import AIOKafkaProducer
+
+    async def main() -> None:
+        cl, dbs = _writer(tmp_path)
+        assert cl.memory() == dict.fromkeys(("memtables", "block_cache", "table_readers", "sst_files"), 0)
+        prod = AIOKafkaProducer(bootstrap_servers="127.0.0.1:1")
+        for p in (0, 1):
+            for i in range(200):
+                st, _ = F.update_user(None, click(i, T0 + i))
+                cl.put(p, f"k{i:03d}".encode(), st)
+        cl.write(Publisher(lambda: prod, lambda topic: 1))
+        before = cl.memory()
+        one = int(dbs[0].property_int_value("rocksdb.cur-size-all-mem-tables"))
+        assert before["memtables"] > one > 0 and before["sst_files"] == 0, before
+        dbs[0].flush()
+        after = cl.memory()
+        assert after["memtables"] < before["memtables"] and after["sst_files"] > 0, after
+        await prod.stop()
+
+    asyncio.run(main())
+
+
 def test_sweep_deletes_idle_keys_going_round_the_partition(tmp_path: Path) -> None:
     async def main() -> None:
         from aiokafka import AIOKafkaProducer

@@ -112,3 +112,9 @@ def test_metrics_endpoint_answers_with_the_worker_metrics_during_a_run(kenv: Any
     decided = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                   if line.startswith("slidr_decisions_total{"))
     assert decided == 3000.0
+    # RocksDB's accounting of the tables' stores: both tables have written states into their memtables
+    rocks = {line.split(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith("slidr_table_rocksdb_bytes{")}
+    for table in ("users", "ips"):
+        assert rocks[f'slidr_table_rocksdb_bytes{{kind="memtables",table="{table}"}}'] > 0, rocks
+        assert f'slidr_table_rocksdb_bytes{{kind="sst_files",table="{table}"}}' in rocks, rocks
