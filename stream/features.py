@@ -39,7 +39,7 @@ import numpy as np
 import orjson
 
 # --- the spec ---------------------------------------------------------------------------------------------
-FEATURE_VERSION = 3
+FEATURE_VERSION = 4
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -71,6 +71,9 @@ FEATURE_NAMES: tuple[str, ...] = (
     "logged_in", "platform_desktop", "platform_mobile", "platform_app",
     # hashed categories (CATEGORIES): bucket ids, not quantities
     "ua_family", "placement",
+    # the click's price to the advertiser, log(1 + cpc): fraud goes where clicks pay (a value of the click, not an
+    # ad id, so it holds on ads never seen in training)
+    "cpc_log",
     # profile (Redis): -1 when unknown (anonymous or not in the cache); all -1 / 0 when the cache is unreachable
     # (MISSING_PROFILE: ip_datacenter -1 marks it, a value a reachable cache never gives)
     "rfm_score", "rfm_known", "account_age_days", "ip_datacenter",
@@ -92,6 +95,7 @@ FEATURE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("slice", ("logged_in", "platform_desktop", "platform_mobile", "platform_app")),
     ("ua_family", ("ua_family",)),
     ("placement", ("placement",)),
+    ("price", ("cpc_log",)),
     ("customer_profile", ("rfm_score", "rfm_known", "account_age_days")),
     ("ip_datacenter", ("ip_datacenter",)),
 )  # fmt: skip
@@ -113,6 +117,7 @@ FEATURE_SPEC: dict[str, Any] = {
     "categories": {"buckets": dict(CATEGORIES), "hash": "crc32(utf-8) % (n - 1) + 1, 0 for an empty value",
                    "ua_family": "lowercased, each dotted version cut to its first number (Chrome/131.0.0.0 -> "
                                 "chrome/131)"},
+    "price": "cpc_log = log1p(max(cpc, 0))",
     "time": "local if tz_offset_min else UTC; hour = fractional hour of day, dow Monday=0",
     "missing_profile": [-1.0, 0.0, -1.0, -1.0],
     "ip_key": "canonical IPv4 (IPv4-mapped IPv6 as IPv4), IPv6 by its /64; ranges /24 and /48",
@@ -144,6 +149,8 @@ class ClickLike(Protocol):
     def user_agent(self) -> str: ...
     @property
     def placement(self) -> str: ...
+    @property
+    def cpc(self) -> float: ...
     @property
     def user_key(self) -> str: ...
     @property
@@ -446,6 +453,7 @@ def assemble(click: ClickLike, user_feats: list[float], ip_feats: list[float],
             math.sin(a), math.cos(a), math.sin(b), math.cos(b),
             1.0 if click.logged_in else 0.0, *_PLAT[click.platform],
             _ua_bucket(click.user_agent), _placement_bucket(click.placement),
+            math.log1p(max(click.cpc, 0.0)),
             *profile]
 
 
@@ -484,6 +492,7 @@ def _probe() -> tuple[list[Any], dict[str, bytes]]:
             click_id=f"p{i}", ts=ts, ip=ip, ip_key=ip, session_id=f"s{u}", customer_id=cust,
             ad_id=f"ad{i % 4}", user_agent=f"UA/{(i // 3) % 3}.1.2", placement=("", "top", "side")[i % 3],
             logged_in=cust is not None, platform=PLATFORMS[i % 3], tz_offset_min=(60 * (i % 5) - 120) or None,
+            cpc=(0.0, 0.35, 2.5, 11.0)[i % 4],
             user_key=f"c:{cust}" if cust else f"s:s{u}"))
     out.sort(key=lambda c: c.ts)
     profiles = build_profiles([{"customer_id": "k0", "rfm_score": 0.8, "account_age_days": 400}],

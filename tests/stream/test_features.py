@@ -30,7 +30,7 @@ def _run_user(clicks: list[Click]) -> tuple[F.State, list[list[float]]]:
 
 def test_spec_and_hash_are_stable() -> None:
     assert len(F.FEATURE_NAMES) == F.N_FEATURES == len(set(F.FEATURE_NAMES))
-    assert F.N_USER + F.N_IP + 4 + 4 + len(F.CATEGORIES) + 4 == F.N_FEATURES
+    assert F.N_USER + F.N_IP + 4 + 4 + len(F.CATEGORIES) + 1 + 4 == F.N_FEATURES
     assert len(F.FEATURE_SPEC_HASH) == 64
     assert F.FEATURE_SPEC["names"] == list(F.FEATURE_NAMES)
 
@@ -194,6 +194,18 @@ def test_hashed_categories_are_bucket_ids_of_normalised_values() -> None:
     assert 1 <= ua < n_ua and 1 <= pl < n_pl and ua == int(ua) and pl == int(pl)
     assert cats(ua=chrome.replace("131.0.0.0", "131.0.6778.86"), placement=" Search_Top") == (ua, pl)
     assert cats(ua="curl/8.5.0")[0] == cats(ua="curl/8.11.1")[0] != cats(ua="python-requests/2.32.3")[0]
+
+
+def test_price_is_log1p_of_the_click_s_cpc() -> None:
+    """cpc_log = log(1 + cpc), read from the click alone: no state, the same for an ad never seen before."""
+    def price(cpc: float) -> float:
+        d = dict(zip(F.FEATURE_NAMES, F.assemble(click(0, T0).model_copy(update={"cpc": cpc}), [0.0] * F.N_USER,
+                                                   [0.0] * F.N_IP, F.MISSING_PROFILE), strict=True))
+        return d["cpc_log"]
+
+    assert price(0.0) == 0.0
+    assert math.isclose(price(2.5), math.log(3.5)) and price(11.0) > price(2.5) > price(0.35) > 0.0
+    assert ("price", ("cpc_log",)) in F.FEATURE_GROUPS
 
 
 def test_profiles_build_and_lookup() -> None:
