@@ -132,7 +132,8 @@ def test_model_checks_bounds() -> None:
 
 
 def test_rfm_labels_from_the_logged_features_equal_the_trainers(small: Path) -> None:
-    """The stream path reads the RFM score from the features (rfm_score where rfm_known): same weak labels."""
+    """The stream path reads the RFM score from the features (rfm_score where rfm_known): same weak labels (the
+    account-history check given the same clicks' ``consistent_with_history``)."""
     from models.config import TrainConfig
     from models.data.dataset import load_dataset
     from models.retrain import training_data
@@ -146,7 +147,9 @@ def test_rfm_labels_from_the_logged_features_equal_the_trainers(small: Path) -> 
     rfm = np.where(x[:, FEATURE_NAMES.index("rfm_known")] > 0.5, x[:, FEATURE_NAMES.index("rfm_score")], np.nan)
     got = training_data(x, td.ts, td.purchased, rfm.astype(np.float64), [c.user_key for c in ds.clicks],
                         [c.slice for c in ds.clicks], [c.logged_in for c in ds.clicks],
-                        np.array([c.tz_offset_min or 0 for c in ds.clicks]), cfg, {"start_ms": ds.meta["start_ms"]})
+                        np.array([c.tz_offset_min or 0 for c in ds.clicks]), cfg, {"start_ms": ds.meta["start_ms"]},
+                        td.rfm_consistent)
+    assert cfg.rfm_needs_history and td.rfm_consistent is not None
     assert (td.label == 0).sum() > (td.purchased).sum()  # the RFM rule labels some clicks human
     for f in ("label", "heavy", "hour", "dow", "split"):
         assert np.array_equal(getattr(got, f), getattr(td, f)), f

@@ -190,7 +190,7 @@ def test_human_share_does_not_dip_before_an_outage_or_at_the_end(tmp_path: Path)
     assert bought >= 0.85 and human >= 0.88, shown
 
 
-def test_consistent_with_history_needs_an_earlier_session_of_the_account() -> None:
+def test_consistent_with_history_compares_with_the_account_s_earlier_sessions() -> None:
     from models.labels import consistent_with_history
 
     keys = ["c:a", "c:a", "c:a", "c:a", "c:a", "s:x", "s:x", "c:a"]
@@ -198,11 +198,13 @@ def test_consistent_with_history_needs_an_earlier_session_of_the_account() -> No
     ua = ["chrome", "chrome", "chrome", "curl", "curl", "chrome", "chrome", "curl"]
     ip = ["r1", "r1", "dc9", "dc9", "dc9", "r1", "r1", "dc7"]
     got = consistent_with_history(keys, sess, ua, ip).tolist()
-    # session 1 has no history; session 2 shares the user agent; session 3 shares the /24 session 2 used; the
-    # logged-out key never counts; session 4's curl was seen in session 3 (history now holds it)
-    assert got == [False, False, True, True, True, False, False, True]
-    # a run never vouches for itself: its own earlier clicks are not history
-    assert consistent_with_history(["c:v"] * 3, ["r"] * 3, ["curl"] * 3, ["dc1"] * 3).tolist() == [False] * 3
+    # session 1 has no history (nothing contradicts it); session 2 shares the user agent; session 3 shares the /24
+    # session 2 used; the logged-out key never counts; session 4's curl was seen in session 3 (history holds it)
+    assert got == [True, True, True, True, True, False, False, True]
+    # a run never vouches for itself: once the account has a history, its own earlier clicks are not history
+    keys, sess = ["c:v"] * 4, ["own", "hijack", "hijack", "hijack"]
+    assert consistent_with_history(keys, sess, ["firefox"] + ["curl"] * 3,
+                                   ["r1"] + ["dc1"] * 3).tolist() == [True, False, False, False]
 
 
 def test_the_history_check_only_takes_rfm_humans_away() -> None:
