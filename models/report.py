@@ -18,7 +18,17 @@ import numpy as np
 from models.calibrate import global_calibration, slice_calibration
 from models.config import TrainConfig
 from models.labels import TEST, TRAIN, VAL, label_audit, weak_labels
-from models.metrics import curve, evaluate, ivr_at_fpr, recall_at_fir, roc_auc, row_thresholds, threshold_at_fpr
+from models.metrics import (
+    auc_interval,
+    curve,
+    evaluate,
+    ivr_at_fpr,
+    new_target_mask,
+    recall_at_fir,
+    roc_auc,
+    row_thresholds,
+    threshold_at_fpr,
+)
 from models.pipeline import CALIBRATION, MANIFEST, MODEL, load_training_data, read_json, write_json
 from models.train import TrainingData
 
@@ -68,6 +78,8 @@ def baselines(td: TrainingData, served: np.ndarray, cfg: TrainConfig, served_kin
             "val_threshold_ivr": float(flag.mean()),
             "val_threshold_fpr": float(flag[td.purchased[te]].mean()) if td.purchased[te].any() else None,
         }
+        if kind == served_kind:  # bootstrap 95% interval of the served model's test AUC (few purchases: wide)
+            row["auc_ci95"] = list(auc_interval(s[te], td.label[te]))
         if hist.get("best_val_loss") is not None:
             row["val_loss"] = hist["best_val_loss"]
         tr = td.truth(te)
@@ -350,11 +362,16 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
     hdr += ["bot recall @ 1% FIR"] if truth else []
     rows = [[k, r["auc"], r["ivr_at_budget_test"], r["val_threshold_ivr"], r["val_threshold_fpr"], r.get("val_loss")]
             + ([r["recall_at_1pct_fir"]] if truth else []) for k, r in bl.items()]
+    served_row = next(r for k, r in bl.items() if k.endswith("(served)"))
+    lo, hi = served_row["auc_ci95"]
     md += ["## Baselines (held-out test day, one threshold)", "",
            "IVR at the budget: the best single threshold on the test day itself; (val thr.): the threshold "
            "chosen on the validation day applied to the test day; val loss: the weighted validation loss of the "
            "kinds trained here (what chooses between them; the served model's is in its manifest).", "",
-           _table(hdr, rows), ""]
+           _table(hdr, rows), "",
+           f"Served model's test AUC (weak labels) {_f(served_row['auc'])}, bootstrap 95% interval "
+           f"[{_f(lo)}, {_f(hi)}] (1,000 resamples within each label class; "
+           f"{int((td.label[te] == 0).sum())} test clicks labelled human).", ""]
     if truth:
         names = sorted(next(iter(bl.values()))["archetypes"])
         md += ["Bot recall at 1% human false-invalidation per archetype (test day):", "",
@@ -427,6 +444,16 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
                "flagged_a / (flagged_a + flagged humans).", "",
                _table(["archetype", "clicks", "kind", "invalidated (calibrated)", "precision (calibrated)",
                        "invalidated @ 1% FIR"], arows), ""]
+        if td.ad_ids is not None and td.is_bot is not None:  # bot clicks on ads no bot clicked in the training
+            new = new_target_mask(td.ad_ids, td.is_bot, td.split == TRAIN)[te] & tr[0]  # days, same threshold
+            flag = s[te] >= at_fir["threshold"]
+            unseen = {"n": int(new.sum()), "share_of_bot_clicks": float(new.sum() / max(int(tr[0].sum()), 1)),
+                      "ads": len(np.unique(td.ad_ids[te][new])),
+                      "recall_at_1pct_fir": float(flag[new].mean()) if new.any() else None}
+            at_fir["unseen_target_ads"] = unseen
+            md += [f"Bot clicks on ads no bot clicked in the training days: {unseen['n']} "
+                   f"({_f(unseen['share_of_bot_clicks'])} of the test day's bot clicks, {unseen['ads']} ads); bot "
+                   f"recall on them at the same 1% threshold: {_f(unseen['recall_at_1pct_fir'])}.", ""]
         _plot_bars(out / "archetypes.png", "recall per bot archetype (test day)",
                    {"calibrated": {a: v["invalidated"] for a, v in at_cal["archetypes"].items() if v["is_bot"]},
                     "@1% FIR": {a: v["invalidated"] for a, v in at_fir["archetypes"].items() if v["is_bot"]}},

@@ -49,6 +49,7 @@ class TrainingData:
     meta: dict[str, Any] = field(default_factory=dict)
     rfm: npt.NDArray[np.float64] | None = None  # the customer's RFM score (NaN logged out), as labelled
     rfm_consistent: npt.NDArray[np.bool_] | None = None  # models.labels.consistent_with_history of each click
+    ad_ids: npt.NDArray[np.str_] | None = None  # each click's ad (dataset folders; the report's unseen-ad recall)
 
     def rows(self, split: int) -> npt.NDArray[np.bool_]:
         """Usable rows of one split."""
@@ -131,7 +132,7 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
                       slices=np.array([c.slice for c in clicks], dtype=str),
                       logged_in=np.asarray(ds.logged_in, dtype=bool), ts=ts, hour=hour, dow=dow,
                       split=split, usable=usable, is_bot=is_bot, archetype=arch, meta=dict(ds.meta), rfm=rfm,
-                      rfm_consistent=consistent)
+                      rfm_consistent=consistent, ad_ids=np.array([c.ad_id for c in clicks], dtype=str))
     for i, name in ((TRAIN, "train"), (VAL, "val")):
         m = td.rows(i)
         guardrails.check_split(label[m], purchased[m], name)

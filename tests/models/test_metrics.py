@@ -7,9 +7,11 @@ import pytest
 
 from models.labels import TEST, TRAIN, VAL, time_split, weak_labels
 from models.metrics import (
+    auc_interval,
     curve,
     heavy_mask,
     ivr_at_fpr,
+    new_target_mask,
     rates,
     recall_at_fir,
     roc_auc,
@@ -30,6 +32,31 @@ def test_roc_auc_matches_pairwise_count() -> None:
     brute = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
     assert roc_auc(s, y) == pytest.approx(brute)
     assert np.isnan(roc_auc(s, np.zeros(300, dtype=bool)))
+
+
+def test_auc_interval_holds_the_auc_and_narrows_with_more_data() -> None:
+    rng = np.random.default_rng(1)
+
+    def sample(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.random(n) < 0.05  # a rare positive class, as TalkingData's attributed clicks
+        return rng.normal(0.0, 1.0, n) + 1.0 * y, y
+
+    s, y = sample(2_000)
+    lo, hi = auc_interval(s, y, n=400)
+    assert lo < roc_auc(s, y) < hi and lo > 0.6 and hi < 0.9  # the true AUC of a unit shift is Phi(1/sqrt2) = 0.76
+    s2, y2 = sample(20_000)
+    lo2, hi2 = auc_interval(s2, y2, n=400)
+    assert hi2 - lo2 < (hi - lo) / 2
+    assert auc_interval(s, y, n=50, seed=3) == auc_interval(s, y, n=50, seed=3)  # seeded
+    assert all(np.isnan(auc_interval(s, np.zeros(len(s), dtype=bool))))
+
+
+def test_new_target_mask_marks_ads_no_bot_clicked_before() -> None:
+    ads = np.array(["a", "b", "c", "a", "b", "c", "d"])
+    bot = np.array([True, False, True, True, True, True, True])
+    before = np.array([True, True, False, False, False, False, False])
+    # "a" was a bot target before; "b" only a human's ad; "c" a bot's ad but not in the "before" rows; "d" new
+    assert new_target_mask(ads, bot, before).tolist() == [False, True, True, False, True, True, True]
 
 
 def test_heavy_mask_counts_per_user_and_clock_hour() -> None:

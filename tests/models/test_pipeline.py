@@ -211,6 +211,11 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
     assert bl["mlp (served)"]["val_loss"] == manifest["training"]["best_val_loss"]
     assert all(0.0 < bl[k]["val_loss"] < 1.0 for k in ("dcn", "logreg")) and "val_loss" not in bl["heuristic"]
     assert set(bl["dcn"]["archetypes"]) == set(bl["mlp (served)"]["archetypes"])
+    # the served AUC's bootstrap interval, and the recall on ads no bot targeted in the training rows
+    lo, hi = bl["mlp (served)"]["auc_ci95"]
+    assert lo < bl["mlp (served)"]["auc"] < hi and "bootstrap 95% interval" in text
+    unseen = figures["archetypes"]["at_1pct_fir"]["unseen_target_ads"]
+    assert unseen["n"] > 0 and 0.0 <= unseen["recall_at_1pct_fir"] <= 1.0 and "no bot clicked in the training" in text
 
 
 @needs_shared(TALKINGDATA_CSV)
