@@ -43,17 +43,13 @@ def consistent_with_history(user_keys: Sequence[str], sessions: Sequence[str], u
                             ip24s: Sequence[str]) -> npt.NDArray[np.bool_]:
     """Per click (arrival order): does it look like its logged-in account's own earlier sessions? True when its
     user agent or its IP /24 is one the account (user key ``c:...``) used in an earlier session, and for the
-    account's first session in the data (nothing to contradict it: SLIDR's rule stands); False for logged-out keys
-    (no account; their RFM score is unknown anyway).
+    account's first session in the data (nothing to contradict it; :func:`unverified_rfm` marks those clicks so
+    that training gives them no weight); False for logged-out keys (no account; their RFM score is unknown anyway).
 
     Causal (only earlier sessions count, never the click's own session, so a hijacker's run does not vouch for
     itself once the account has a history): the account-history check of :func:`weak_labels`' ``consistent``
     argument. A taken-over account is driven from the attacker's proxy with the attacker's client, so it rarely
-    shows the owner's device or range. A first session counts as consistent because a window's first sessions
-    have no history to compare with: calling them robotic made the labels depend on how old the window is (the
-    one-day small scenario, train = its first hours: LightGBM's weak-label test AUC 0.40, the MLP below logistic
-    regression); on the default scenario (seeds 7 and 11) the MLP's bot recall did not change beyond its seeds'
-    spread.
+    shows the owner's device or range.
     """
     out = np.zeros(len(user_keys), dtype=bool)
     hist: dict[str, tuple[set[str], set[str]]] = {}
@@ -73,6 +69,32 @@ def consistent_with_history(user_keys: Sequence[str], sessions: Sequence[str], u
         c[1].add(ua)
         c[2].add(p)
     return out
+
+
+def first_account_sessions(user_keys: Sequence[str], sessions: Sequence[str]) -> npt.NDArray[np.bool_]:
+    """Per click (arrival order): is it in its logged-in account's first session in the data? There the account
+    has no history to check a high RFM score against (:func:`consistent_with_history` then lets it stand)."""
+    out = np.zeros(len(user_keys), dtype=bool)
+    first: dict[str, str] = {}
+    for i, (k, s) in enumerate(zip(user_keys, sessions, strict=True)):
+        if k.startswith("c:"):
+            out[i] = first.setdefault(k, s) == s
+    return out
+
+
+def unverified_rfm(purchased: npt.NDArray[np.bool_], rfm: npt.NDArray[np.float64], rfm_threshold: float,
+                   robotic: npt.NDArray[np.bool_] | None, first_session: npt.NDArray[np.bool_]
+                   ) -> npt.NDArray[np.bool_]:
+    """Clicks called human only by a high RFM score in their account's first session in the data, where the
+    account-history check has nothing to compare with: with ``rfm_needs_history`` they weigh nothing in training
+    and validation (``models.train.sample_weights``), neither human nor robotic. Calling them human let a hijack
+    that is the account's first session in the data vouch for itself; calling them robotic made the labels depend
+    on the window's age (one-day small scenario: LightGBM's weak-label test AUC 0.40, the MLP below logistic
+    regression)."""
+    high_rfm = np.nan_to_num(rfm, nan=-1.0) >= rfm_threshold
+    if robotic is not None:
+        high_rfm &= ~robotic
+    return high_rfm & first_session & ~purchased
 
 
 def time_split(ts_ms: npt.NDArray[np.int64], start_ms: int | None = None, test_days: int = 1,

@@ -18,7 +18,16 @@ import numpy.typing as npt
 
 from models import guardrails
 from models.config import TrainConfig
-from models.labels import TEST, TRAIN, VAL, consistent_with_history, time_split, weak_labels
+from models.labels import (
+    TEST,
+    TRAIN,
+    VAL,
+    consistent_with_history,
+    first_account_sessions,
+    time_split,
+    unverified_rfm,
+    weak_labels,
+)
 from models.metrics import robotic_mask
 from models.weights import cell_weights, local_hour_dow
 
@@ -50,6 +59,7 @@ class TrainingData:
     rfm: npt.NDArray[np.float64] | None = None  # the customer's RFM score (NaN logged out), as labelled
     rfm_consistent: npt.NDArray[np.bool_] | None = None  # models.labels.consistent_with_history of each click
     ad_ids: npt.NDArray[np.str_] | None = None  # each click's ad (dataset folders; the report's unseen-ad recall)
+    unverified: npt.NDArray[np.bool_] | None = None  # weight 0 in training (models.labels.unverified_rfm)
 
     def rows(self, split: int) -> npt.NDArray[np.bool_]:
         """Usable rows of one split."""
@@ -118,8 +128,11 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
     heavy = robotic_mask([c.user_key for c in clicks], ts, cfg.coverage_k)
     consistent = consistent_with_history([c.user_key for c in clicks], [c.session_id for c in clicks],
                                          [c.user_agent or "" for c in clicks], [ip_range_key(c.ip_key) for c in clicks])
-    label = weak_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None,
-                        consistent if cfg.rfm_needs_history else None)
+    robotic = heavy if cfg.robotic_overrides_rfm else None
+    label = weak_labels(purchased, rfm, cfg.rfm_threshold, robotic, consistent if cfg.rfm_needs_history else None)
+    unverified = (unverified_rfm(purchased, rfm, cfg.rfm_threshold, robotic,
+                                 first_account_sessions([c.user_key for c in clicks], [c.session_id for c in clicks]))
+                  if cfg.rfm_needs_history else None)
     tz = np.fromiter((c.tz_offset_min or 0 for c in clicks), dtype=np.int64, count=n)
     hour, dow = local_hour_dow(ts, tz)
     usable = ~ds.in_label_outage(ts)
@@ -132,7 +145,8 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
                       slices=np.array([c.slice for c in clicks], dtype=str),
                       logged_in=np.asarray(ds.logged_in, dtype=bool), ts=ts, hour=hour, dow=dow,
                       split=split, usable=usable, is_bot=is_bot, archetype=arch, meta=dict(ds.meta), rfm=rfm,
-                      rfm_consistent=consistent, ad_ids=np.array([c.ad_id for c in clicks], dtype=str))
+                      rfm_consistent=consistent, ad_ids=np.array([c.ad_id for c in clicks], dtype=str),
+                      unverified=unverified)
     for i, name in ((TRAIN, "train"), (VAL, "val")):
         m = td.rows(i)
         guardrails.check_split(label[m], purchased[m], name)
@@ -140,10 +154,11 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
 
 
 def sample_weights(td: TrainingData, m: npt.NDArray[np.bool_], cfg: TrainConfig) -> npt.NDArray[np.float32]:
-    """Cell-balanced weights for rows ``m`` (all ones when cfg.use_weights is False)."""
-    if not cfg.use_weights:
-        return np.ones(int(m.sum()), dtype=np.float32)
-    return cell_weights(td.hour[m], td.dow[m], td.logged_in[m], td.label[m], cfg.weight_clip)
+    """Cell-balanced weights for rows ``m`` (all ones when cfg.use_weights is False); 0 for ``td.unverified``
+    rows (a label neither human nor robotic can be trusted)."""
+    w = (cell_weights(td.hour[m], td.dow[m], td.logged_in[m], td.label[m], cfg.weight_clip) if cfg.use_weights
+         else np.ones(int(m.sum()), dtype=np.float32))
+    return w if td.unverified is None else (w * ~td.unverified[m]).astype(np.float32)
 
 
 def drop_profiles(x: npt.NDArray[np.float32], share: float, seed: int

@@ -136,6 +136,7 @@ def test_rfm_labels_from_the_logged_features_equal_the_trainers(small: Path) -> 
     account-history check given the same clicks' ``consistent_with_history``)."""
     from models.config import TrainConfig
     from models.data.dataset import load_dataset
+    from models.labels import first_account_sessions
     from models.retrain import training_data
     from models.train import build_training_data
     from stream.features import FEATURE_NAMES
@@ -148,10 +149,12 @@ def test_rfm_labels_from_the_logged_features_equal_the_trainers(small: Path) -> 
     got = training_data(x, td.ts, td.purchased, rfm.astype(np.float64), [c.user_key for c in ds.clicks],
                         [c.slice for c in ds.clicks], [c.logged_in for c in ds.clicks],
                         np.array([c.tz_offset_min or 0 for c in ds.clicks]), cfg, {"start_ms": ds.meta["start_ms"]},
-                        td.rfm_consistent)
+                        td.rfm_consistent, first_account_sessions([c.user_key for c in ds.clicks],
+                                                                  [c.session_id for c in ds.clicks]))
     assert cfg.rfm_needs_history and td.rfm_consistent is not None
     assert (td.label == 0).sum() > (td.purchased).sum()  # the RFM rule labels some clicks human
-    for f in ("label", "heavy", "hour", "dow", "split"):
+    assert td.unverified is not None and td.unverified.any()
+    for f in ("label", "heavy", "hour", "dow", "split", "unverified"):
         assert np.array_equal(getattr(got, f), getattr(td, f)), f
 
 

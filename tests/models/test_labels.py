@@ -215,3 +215,36 @@ def test_the_history_check_only_takes_rfm_humans_away() -> None:
     consistent = np.array([False, True, False, False])
     assert weak_labels(purchased, rfm, 0.7).tolist() == [0, 0, 0, 1]
     assert weak_labels(purchased, rfm, 0.7, consistent=consistent).tolist() == [0, 0, 1, 1]
+
+
+def test_first_account_sessions_and_unverified_rfm_labels() -> None:
+    from models.labels import first_account_sessions, unverified_rfm
+
+    keys = ["c:a", "c:a", "c:b", "c:a", "s:x", "c:b"]
+    sess = ["1", "1", "7", "2", "x", "8"]
+    first = first_account_sessions(keys, sess)
+    # each account's first session in the data; a logged-out key has no account
+    assert first.tolist() == [True, True, True, False, False, False]
+    purchased = np.array([False, True, False, False, False, False])
+    rfm = np.array([0.9, 0.9, 0.2, 0.9, np.nan, 0.9])
+    robotic = np.array([False, False, False, False, False, False])
+    # only a human label resting on a high RFM score alone, in a first session, is unverified (a purchase is not)
+    assert unverified_rfm(purchased, rfm, 0.7, robotic, first).tolist() == [True, False, False, False, False, False]
+    # a click of the robotic set is not called human by its RFM score at all, so nothing to verify
+    assert not unverified_rfm(purchased, rfm, 0.7, np.ones(6, dtype=bool), first).any()
+
+
+def test_unverified_rows_weigh_nothing_in_training(tmp_path: Path) -> None:
+    from models.data.simulate import simulate_to
+    from models.pipeline import load_training_data
+    from models.train import sample_weights
+
+    simulate_to(tmp_path / "small", "small", 1)
+    cfg = TrainConfig(allow_label_gaps=True, attribution_window_h=0.0)
+    td = load_training_data(tmp_path / "small", cfg)
+    assert td.unverified is not None
+    for split in (TRAIN, VAL):
+        m = td.rows(split)
+        w = sample_weights(td, m, cfg)
+        assert td.unverified[m].any() and (w[td.unverified[m]] == 0).all() and (w[~td.unverified[m]] > 0).all()
+    assert load_training_data(tmp_path / "small", cfg.replace(rfm_needs_history=False)).unverified is None
