@@ -7,6 +7,7 @@ learned model, so the exported ONNX graph takes the raw features the stream comp
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
@@ -148,6 +149,19 @@ class DCN(Scorer):
         decay += [t.weight for t in self.emb.tables] if self.emb else []
         rest = [p for p in self.parameters() if all(p is not d for d in decay)]
         return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+class Ensemble(Scorer):
+    """The mean of its members' logits: members of one kind trained alike from different seeds
+    (``TrainConfig.ensemble``). One graph: exported, scored and explained like a single network."""
+
+    def __init__(self, members: Sequence[Scorer]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.kind = members[0].kind
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([cast(Scorer, m).logits(x) for m in self.members]).mean(dim=0)
 
 
 class LogReg(Scorer):

@@ -204,11 +204,37 @@ def make_model(kind: str, x_train: npt.NDArray[np.float32], cfg: TrainConfig) ->
 
 
 def train(td: TrainingData, cfg: TrainConfig, kind: str | None = None) -> tuple[Any, dict[str, Any]]:
-    """Fit a model on the train split with early stopping on the (weighted) validation loss."""
+    """Fit a model on the train split with early stopping on the (weighted) validation loss; the networks (mlp,
+    dcn) as an ensemble of ``cfg.ensemble`` members trained from seeds ``cfg.seed``, ``cfg.seed + 1``, ... whose
+    logits are averaged (models.nets.Ensemble; member 0 is the single model of ``cfg.seed``)."""
+    import torch
+
+    from models.nets import Ensemble
+
+    kind = kind or cfg.model
+    if kind not in ("mlp", "dcn") or cfg.ensemble <= 1:
+        return _train_one(td, cfg, kind)
+    fits = [_train_one(td, cfg.replace(seed=cfg.seed + i), kind) for i in range(cfg.ensemble)]
+    model = Ensemble([m for m, _ in fits])
+    model.eval()
+    va = td.rows(VAL)
+    with torch.no_grad():
+        best = float(torch.nn.functional.binary_cross_entropy_with_logits(
+            model.logits(torch.from_numpy(td.x[va])), torch.from_numpy(td.label[va].astype(np.float32)),
+            weight=torch.from_numpy(sample_weights(td, va, cfg))).item())
+    members = [{k: v for k, v in h.items() if k != "epochs"} | {"epochs": len(h["epochs"])} for _, h in fits]
+    hist = {"kind": kind, "train_rows": fits[0][1]["train_rows"], "val_rows": fits[0][1]["val_rows"],
+            "epochs": [e for _, h in fits for e in h["epochs"]], "members": members, "best_val_loss": best,
+            "train_seconds": sum(h["train_seconds"] for _, h in fits)}
+    log.info("%s ensemble of %d: validation loss %.4f (members %s)", kind, cfg.ensemble, best,
+             ", ".join(f"{m['best_val_loss']:.4f}" for m in members))
+    return model, hist
+
+
+def _train_one(td: TrainingData, cfg: TrainConfig, kind: str) -> tuple[Any, dict[str, Any]]:
     import torch
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    kind = kind or cfg.model
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     if cfg.threads:
