@@ -111,3 +111,14 @@ def _cleanup(s: Settings, prefix: str) -> None:
             r.delete(*keys)
     except Exception:
         pass
+
+
+# --- the fault tests' accounting, printed at the end of the run (issue 12: CI shows it) -------------------------
+FAULT_ACCOUNTS: list[str] = []  # one JSON line per fault test (tests/stream/test_faults.py account())
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if FAULT_ACCOUNTS:
+        terminalreporter.section("fault accounting (clicks in = unique clicks decided + dead letters)")
+        for line in FAULT_ACCOUNTS:
+            terminalreporter.write_line(line)

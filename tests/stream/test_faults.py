@@ -27,6 +27,7 @@ from schemas.events import Click
 from slidr import services as svc
 from stream import cache, stages, toymodel
 from stream.state import RECENT_IDS
+from tests.conftest import FAULT_ACCOUNTS
 from tests.stream import kafka_helpers as K
 from tests.stream.helpers import click, traffic
 from tests.stream.test_worker_integration import _offline_users, _profiles, _table_snapshot
@@ -65,6 +66,7 @@ def account(kenv: Any, clicks: list[Click], n_bad: int, what: str, *,
            "decided_unique": len(dec), "dead_letters": len(dead), "lost": len(lost), "duplicates": dups,
            "conflicting_duplicates": len(conflicting), "unknown_decided": len(set(dec) - want)}
     print("accounting:", orjson.dumps(acc).decode())
+    FAULT_ACCOUNTS.append(orjson.dumps(acc).decode())
     assert not lost, f"{len(lost)} clicks never decided, e.g. {sorted(lost)[:3]}"
     assert acc["unknown_decided"] == 0
     assert len(dec) + len(dead) == len(clicks) + n_bad, acc
