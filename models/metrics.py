@@ -117,9 +117,13 @@ class Curve:
 def curve(scores: npt.ArrayLike, purchased: B, heavy: B, points: int = 0) -> Curve:
     """The operating curve over a threshold grid: every distinct score (``points=0``) or ``points`` quantiles.
 
-    The grid always contains 1.0 (the strictest threshold a decision can carry).
+    The grid always contains 1.0 (the strictest threshold a decision can carry), and stops there: scores are
+    probabilities, and anything outside [0, 1] (logits) is refused rather than read against a capped grid.
     """
     s = np.asarray(scores, dtype=np.float64)
+    if len(s) and (float(np.nanmin(s)) < 0.0 or float(np.nanmax(s)) > 1.0):
+        raise ValueError(f"scores must be probabilities in [0, 1], got [{np.nanmin(s):.4g}, {np.nanmax(s):.4g}]: "
+                         "pass P(robot) (sigmoid of the logits)")
     grid = np.quantile(s, np.linspace(0.0, 1.0, points)) if points and len(s) > points else s
     t = np.unique(np.concatenate([grid, [1.0]]))
     t = t[t <= 1.0]

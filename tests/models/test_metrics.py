@@ -59,6 +59,17 @@ def test_new_target_mask_marks_ads_no_bot_clicked_before() -> None:
     assert new_target_mask(ads, bot, before).tolist() == [False, True, True, False, True, True, True]
 
 
+def test_curves_refuse_scores_that_are_not_probabilities() -> None:
+    """Logits against the [0, 1] grid would cap every threshold at 1.0 and overstate recall at a budget."""
+    logits = np.array([-3.0, 0.5, 2.0, 7.0])
+    humans = np.array([True, True, False, False])
+    with pytest.raises(ValueError, match="probabilities"):
+        threshold_at_fpr(logits, humans, 0.01)
+    with pytest.raises(ValueError, match="probabilities"):
+        recall_at_fir(logits, ~humans, np.array(["h", "h", "b", "b"]))
+    assert threshold_at_fpr(1 / (1 + np.exp(-logits)), humans, 0.01) > 0.5
+
+
 def test_heavy_mask_counts_per_user_and_clock_hour() -> None:
     users = np.array([0, 0, 0, 1, 1, 0])
     ts = np.array([0, 1000, 2000, 0, 1000, 3_600_000])  # user 0: 3 clicks in hour 0, 1 in hour 1
