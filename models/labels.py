@@ -31,12 +31,33 @@ def weak_labels(purchased: npt.NDArray[np.bool_], rfm: npt.NDArray[np.float64],
     click also looks like its account's own earlier sessions (a user agent or IP range it used before): a hijacked
     account keeps its owner's RFM score but not the owner's device or network. SLIDR's rule is without it.
     """
-    high_rfm = np.nan_to_num(rfm, nan=-1.0) >= rfm_threshold
-    if robotic is not None:
-        high_rfm &= ~robotic
+    high_rfm = _high_rfm(rfm, rfm_threshold, robotic)
     if consistent is not None:
         high_rfm &= consistent
     return np.where(purchased | high_rfm, 0, 1).astype(np.int8)
+
+
+def _high_rfm(rfm: npt.NDArray[np.float64], rfm_threshold: float,
+              robotic: npt.NDArray[np.bool_] | None) -> npt.NDArray[np.bool_]:
+    """A high RFM score outside the robotic set: what lets a click without a purchase be called human."""
+    high = np.nan_to_num(rfm, nan=-1.0) >= rfm_threshold
+    return high & ~robotic if robotic is not None else high
+
+
+def training_labels(purchased: npt.NDArray[np.bool_], rfm: npt.NDArray[np.float64], rfm_threshold: float,
+                    robotic: npt.NDArray[np.bool_] | None, consistent: npt.NDArray[np.bool_] | None,
+                    first_session: npt.NDArray[np.bool_] | None, needs_history: bool
+                    ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.bool_] | None]:
+    """The weak labels a trainer uses and the rows that weigh nothing (``TrainingData.unverified``): with the
+    account-history check (``needs_history``, ``TrainConfig.rfm_needs_history``: ``consistent`` and
+    ``first_session`` required) or SLIDR's rule (no such rows)."""
+    if not needs_history:
+        return weak_labels(purchased, rfm, rfm_threshold, robotic), None
+    if consistent is None or first_session is None:
+        raise ValueError("rfm_needs_history labels need each click's account-history check (session, user agent, "
+                         "IP): pass consistent= and first_session=, or set rfm_needs_history=false for SLIDR's rule")
+    return (weak_labels(purchased, rfm, rfm_threshold, robotic, consistent),
+            unverified_rfm(purchased, rfm, rfm_threshold, robotic, first_session))
 
 
 def consistent_with_history(user_keys: Sequence[str], sessions: Sequence[str], user_agents: Sequence[str],
@@ -91,10 +112,7 @@ def unverified_rfm(purchased: npt.NDArray[np.bool_], rfm: npt.NDArray[np.float64
     that is the account's first session in the data vouch for itself; calling them robotic made the labels depend
     on the window's age (one-day small scenario: LightGBM's weak-label test AUC 0.40, the MLP below logistic
     regression)."""
-    high_rfm = np.nan_to_num(rfm, nan=-1.0) >= rfm_threshold
-    if robotic is not None:
-        high_rfm &= ~robotic
-    return high_rfm & first_session & ~purchased
+    return _high_rfm(rfm, rfm_threshold, robotic) & first_session & ~purchased
 
 
 def time_split(ts_ms: npt.NDArray[np.int64], start_ms: int | None = None, test_days: int = 1,

@@ -35,16 +35,7 @@ import orjson
 from models import guardrails, registry
 from models.config import TrainConfig
 from models.guardrails import Check, GuardrailError, Report
-from models.labels import (
-    TEST,
-    TRAIN,
-    VAL,
-    consistent_with_history,
-    first_account_sessions,
-    time_split,
-    unverified_rfm,
-    weak_labels,
-)
+from models.labels import TEST, TRAIN, VAL, consistent_with_history, first_account_sessions, time_split, training_labels
 from models.metrics import robotic_mask
 from models.train import TrainingData
 from models.weights import local_hour_dow
@@ -104,14 +95,9 @@ def training_data(x: npt.NDArray[np.float32], ts: npt.NDArray[np.int64], purchas
     same robotic mask, weak labels, unverified rows, local hour, split and split checks. ``rfm`` is NaN for unknown
     customers; ``consistent`` and ``first_session`` (``models.labels.consistent_with_history`` and
     ``first_account_sessions`` of the same clicks) are needed when ``cfg.rfm_needs_history``."""
-    if cfg.rfm_needs_history and (consistent is None or first_session is None):
-        raise ValueError("rfm_needs_history labels need each click's account-history check (session, user agent, "
-                         "IP): pass consistent= and first_session=, or set rfm_needs_history=false for SLIDR's rule")
     heavy = robotic_mask(user_keys, ts, cfg.coverage_k)
-    robotic = heavy if cfg.robotic_overrides_rfm else None
-    label = weak_labels(purchased, rfm, cfg.rfm_threshold, robotic, consistent if cfg.rfm_needs_history else None)
-    unverified = (unverified_rfm(purchased, rfm, cfg.rfm_threshold, robotic, first_session)
-                  if cfg.rfm_needs_history and first_session is not None else None)
+    label, unverified = training_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None,
+                                        consistent, first_session, cfg.rfm_needs_history)
     hour, dow = local_hour_dow(ts, tz)
     split = time_split(ts, meta.get("start_ms"), cfg.test_days, cfg.val_days, cfg.val_frac, cfg.test_frac)
     td = TrainingData(x=x, label=label, purchased=purchased, heavy=heavy, slices=np.array(slices, dtype=str),

@@ -18,16 +18,7 @@ import numpy.typing as npt
 
 from models import guardrails
 from models.config import TrainConfig
-from models.labels import (
-    TEST,
-    TRAIN,
-    VAL,
-    consistent_with_history,
-    first_account_sessions,
-    time_split,
-    unverified_rfm,
-    weak_labels,
-)
+from models.labels import TEST, TRAIN, VAL, consistent_with_history, first_account_sessions, time_split, training_labels
 from models.metrics import robotic_mask
 from models.weights import cell_weights, local_hour_dow
 
@@ -125,14 +116,12 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
     rfm = np.fromiter(
         (float(cust[c.customer_id]["rfm_score"]) if c.customer_id in cust else np.nan for c in clicks),
         dtype=np.float64, count=n)
-    heavy = robotic_mask([c.user_key for c in clicks], ts, cfg.coverage_k)
-    consistent = consistent_with_history([c.user_key for c in clicks], [c.session_id for c in clicks],
-                                         [c.user_agent or "" for c in clicks], [ip_range_key(c.ip_key) for c in clicks])
-    robotic = heavy if cfg.robotic_overrides_rfm else None
-    label = weak_labels(purchased, rfm, cfg.rfm_threshold, robotic, consistent if cfg.rfm_needs_history else None)
-    unverified = (unverified_rfm(purchased, rfm, cfg.rfm_threshold, robotic,
-                                 first_account_sessions([c.user_key for c in clicks], [c.session_id for c in clicks]))
-                  if cfg.rfm_needs_history else None)
+    keys, sessions = [c.user_key for c in clicks], [c.session_id for c in clicks]
+    heavy = robotic_mask(keys, ts, cfg.coverage_k)
+    consistent = consistent_with_history(keys, sessions, [c.user_agent or "" for c in clicks],
+                                         [ip_range_key(c.ip_key) for c in clicks])
+    label, unverified = training_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None,
+                                        consistent, first_account_sessions(keys, sessions), cfg.rfm_needs_history)
     tz = np.fromiter((c.tz_offset_min or 0 for c in clicks), dtype=np.int64, count=n)
     hour, dow = local_hour_dow(ts, tz)
     usable = ~ds.in_label_outage(ts)
