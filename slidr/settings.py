@@ -260,6 +260,15 @@ class Settings(BaseSettings):
             self.redis_password = SecretStr(_read_secret(self.redis_password_file))
         return self
 
+    @model_validator(mode="after")
+    def _stuck_after_outlasts_the_watermark_idle_time(self) -> Settings:
+        # held clicks are work pending for the health check; the timer releases them within watermark_idle_s
+        if self.ip_watermark and self.health_stuck_after_s <= self.watermark_idle_s:
+            raise ValueError(f"health_stuck_after_s ({self.health_stuck_after_s:g}) must exceed watermark_idle_s "
+                             f"({self.watermark_idle_s:g}): clicks held that long for the watermark would make the "
+                             "worker look stuck")
+        return self
+
     def redis_secret(self) -> str | None:
         """The Redis password in effect: redis_password (or its file), else the URL's."""
         if self.redis_password is not None:

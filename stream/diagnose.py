@@ -34,6 +34,8 @@ def stage_state(stage: Any) -> list[str]:
         _safe(f"{stage.name} lock held", lambda: stage.lock.locked()),
         _safe(f"{stage.name} committed offsets adopted / found past unhandled clicks",
               lambda: (stage.adopted, stage.committed_past)),
+        *([_safe(f"{stage.name} clicks held per partition", lambda: {q: n for q, n in stage.n_held.items() if n})]
+          if hasattr(stage, "n_held") else []),
     ]
 
 

@@ -7,7 +7,9 @@ plus ``slidr_worker_healthy`` and the time of the verdict:
 - ``model``: the IP stage holds a loaded, verified model;
 - ``progress``: not stuck: while the stages' input partitions (clicks, by-user, by-ip; not the table changelogs,
   which hold the worker's own writes and are read only during recovery) have lag, or a stage awaits a partition
-  fetched again after a jump (``Stage.rewinding``), or has a batch in progress, a stage completed a batch
+  fetched again after a jump (``Stage.rewinding``), or has a batch in progress, or the IP stage holds clicks
+  (``IpStage.n_held``: read and acked without counting, so no lag shows them; its timer releases them within
+  ``watermark_idle_s`` once their inputs go quiet, and that release is a batch), a stage completed a batch
   within ``health_stuck_after_s`` (settings; an idle worker with no lag is not stuck, nor one that is
   rebalancing or recovering its tables: its inputs are paused meanwhile).
 The first verdict comes once the tables have recovered (Faust starts its timers then).
@@ -73,9 +75,11 @@ class Health:
         now = time.monotonic()
         batches = sum(st.batches for st in self.stages)
         # work pending: input lag (Faust's read offsets), partitions a stage awaits since a jump (their events were
-        # read and refused: no lag shows them), a batch in progress (one that never ends holds the stage's lock)
+        # read and refused: no lag shows them), a batch in progress (one that never ends holds the stage's lock),
+        # clicks the IP stage holds (read and acked without counting: no lag shows them either)
         pending = self.lag() + sum(len(getattr(st, "rewinding", ())) for st in self.stages) + sum(
-            1 for st in self.stages if getattr(st, "batch_since", None) is not None)
+            1 for st in self.stages if getattr(st, "batch_since", None) is not None) + sum(
+            sum(getattr(st, "n_held", {}).values()) for st in self.stages)  # (clicks held for the watermark)
         busy = self.busy()
         if batches != self._batches or pending == 0 or busy:
             self._batches, self._moved = batches, now

@@ -40,3 +40,10 @@ def test_topic_names_live_in_one_place() -> None:
     t = Topics("p")
     assert set(specs) == {t.clicks, t.purchases, t.decisions, t.dead_letters, t.feature_log}
     assert specs[t.clicks].partitions == 6
+
+
+def test_the_stuck_time_must_outlast_the_watermark_idle_time() -> None:
+    """Clicks held for the watermark count as work pending for the health check (stream/health.py)."""
+    with pytest.raises(ValueError, match="must exceed watermark_idle_s"):
+        Settings(health_stuck_after_s=5, watermark_idle_s=5)
+    assert Settings(health_stuck_after_s=5, watermark_idle_s=5, ip_watermark=False).health_stuck_after_s == 5

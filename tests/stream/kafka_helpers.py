@@ -31,8 +31,9 @@ def worker_env(s: Settings) -> dict[str, str]:
 def start_worker(s: Settings, data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
     """``slidr worker`` as a child process (so a test can SIGKILL it)."""
     f = log.open("ab")
+    level = os.environ.get("SLIDR_TEST_WORKER_LOGLEVEL", "warning")  # (info: the worker's 30 s report lines too)
     return subprocess.Popen(
-        [sys.executable, "-m", "slidr", "worker", "--data-dir", str(data_dir), "--loglevel", "warning"],
+        [sys.executable, "-m", "slidr", "worker", "--data-dir", str(data_dir), "--loglevel", level],
         env=worker_env(s), stdout=f, stderr=subprocess.STDOUT,
     )
 

@@ -13,7 +13,8 @@ from stream import diagnose
 
 def _stage() -> Any:
     st = SimpleNamespace(name="ip", next_offset={("by-ip", 0): 7}, rewinding={("by-ip", 0, 7): (0.0, 0.0)},
-                         batch_since=time.monotonic() - 3, lock=asyncio.Lock())
+                         batch_since=time.monotonic() - 3, lock=asyncio.Lock(),
+                         adopted=0, committed_past=0, n_held={0: 0, 2: 9})
     return st
 
 
@@ -41,6 +42,7 @@ def test_the_report_names_offsets_jumps_tasks_and_threads_and_survives_what_it_c
     assert "ip next offsets: {('by-ip', 0): 7}" in text
     assert "ip awaited since a jump: {('by-ip', 0, 7):" in text
     assert "ip batch in progress: for 3 s" in text
+    assert "ip clicks held per partition: {2: 9}" in text
     assert "generation: 4" in text
     assert "assignment: unreadable" in text  # no consumer: reported, not raised
     assert "the-stuck-one: waits_here (test_diagnose.py:" in text and "-> wait (locks.py:" in text

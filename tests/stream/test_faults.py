@@ -154,7 +154,8 @@ def supervised(kenv: Any, log: Path, ws: list[Any], cond: Callable[[], bool], ti
             ws[0] = _worker(kenv, log)
             restarts += 1
         time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what} ({restarts} restart(s))")
+    tail = log.read_text(errors="replace")[-4000:] if log.exists() else "(no log)"
+    raise AssertionError(f"timed out waiting for {what} ({restarts} restart(s)); the worker's log ends:\n{tail}")
 
 
 def restart_once_dropped(kenv: Any, log: Path, clicks: list[Click]) -> Any:

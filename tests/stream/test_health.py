@@ -151,6 +151,22 @@ def test_a_stage_awaiting_a_jump_or_holding_a_batch_that_never_ends_is_stuck_wit
     assert asyncio.run(h.check())["progress"] is False
 
 
+def test_clicks_held_for_the_watermark_that_never_leave_are_work_pending() -> None:
+    """Clicks the IP stage holds were read and acked without counting: no lag shows them. A worker that holds
+    some and completes no batch (its timer would release them within the watermark's idle time) is stuck."""
+    h = _health([0], [False], [True])
+    st = h.stages[0]
+    st.n_held = {0: 0, 3: 0}  # type: ignore[attr-defined]
+    asyncio.run(h.check())
+    h._moved -= 11
+    asyncio.run(h.check())  # nothing held: idle
+    assert h.stuck(time.monotonic()) == ""
+    st.n_held = {0: 0, 3: 12}  # type: ignore[attr-defined]
+    h._moved -= 11
+    asyncio.run(h.check())
+    assert "work pending" in h.stuck(time.monotonic())
+
+
 def test_a_rebalance_that_goes_on_past_the_stuck_time_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     lag, busy, broker = [100], [True], [True]
     h = _health(lag, busy, broker)
