@@ -42,7 +42,9 @@ def _time_batches(m: Any, clicks: list[Any], rows: list[list[float]], rounds: in
 def run(batch: int = 256, rounds: int = 2000, model: str | None = None, providers: str = "CPUExecutionProvider",
         **opts: Any) -> dict[str, Any]:
     """The batch figures include reason codes (as the worker decides); ``no_reasons_*`` without them, and
-    ``all_invalid_*`` with every click of the batch invalid (thresholds 0: the occlusion call at its largest)."""
+    ``all_invalid_*`` with every click of the batch invalid (thresholds 0: the occlusion call at its largest);
+    for a model with an explainer (an ensemble's member 0), ``all_invalid_whole_ensemble_reasons_*`` with the
+    occlusion call on the whole ensemble instead, in the same run."""
     from stream.synth import traffic  # the same small generator the tests use
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,6 +65,9 @@ def run(batch: int = 256, rounds: int = 2000, model: str | None = None, provider
         thresholds, default = dict(m.thresholds), m.default_threshold
         m.thresholds, m.default_threshold = {}, 0.0  # every click invalid
         worst = _time_batches(m, clicks, rows, max(1, rounds // 4), reasons=True)
+        explainer, m.explainer = m.explainer, None  # an ensemble's reasons from all its members, for comparison
+        worst_all = _time_batches(m, clicks, rows, max(1, rounds // 4), reasons=True) if explainer else None
+        m.explainer = explainer
         m.thresholds, m.default_threshold = thresholds, default
         single = []
         for _ in range(max(1, rounds // 20)):
@@ -73,11 +78,14 @@ def run(batch: int = 256, rounds: int = 2000, model: str | None = None, provider
                 orjson.dumps(d[0])
             single.append(time.perf_counter() - t)
     b, s1, nr, w = _pct(batched), _pct(single), _pct(bare), _pct(worst)
+    wa = _pct(worst_all) if worst_all else {}
     return {"provider": m.provider, "model": m.version, "batch": batch, "rounds": rounds,
             "reason_codes": m.reference is not None, "invalid_share": round(invalid_share, 3),
+            "explainer": (m.manifest.get("explainer") or {}).get("of") if m.explainer is not None else None,
             **{f"batch_{k}": v for k, v in b.items()},
             **{f"no_reasons_batch_{k}": v for k, v in nr.items()},
             **{f"all_invalid_batch_{k}": v for k, v in w.items()},
+            **{f"all_invalid_whole_ensemble_reasons_batch_{k}": v for k, v in wa.items()},
             **{f"per_click_x{batch}_{k}": v for k, v in s1.items()},
             "batched_us_per_click_p50": round(b["p50_ms"] * 1000 / batch, 2),
             "per_click_us_per_click_p50": round(s1["p50_ms"] * 1000 / batch, 2),

@@ -21,10 +21,12 @@ from models.labels import TEST, TRAIN, VAL
 from models.metrics import evaluate, ivr_at_fpr, recall_at_fir, roc_auc, row_thresholds
 from models.registry import MANIFEST, sha256_file
 from models.train import TrainingData, build_training_data
+from stream.scoring import EXPLAINER_FILE
 
 log = logging.getLogger(__name__)
 
 MODEL = "model.onnx"
+EXPLAINER = EXPLAINER_FILE  # an ensemble's member 0 alone: the reason codes' occlusion call (stream.scoring)
 CALIBRATION = "calibration.json"
 SPLITS = {"train": TRAIN, "val": VAL, "test": TEST}
 REFERENCE_MIN_ROWS = 50  # clicks behind a slice's reason-code reference, at least
@@ -113,7 +115,8 @@ def _refresh_manifest(model_dir: Path, **updates: Any) -> dict[str, Any]:
     mf = model_dir / MANIFEST
     manifest = read_json(mf) if mf.exists() else {}
     manifest.update(updates)
-    manifest["sha256"] = {n: sha256_file(model_dir / n) for n in (MODEL, CALIBRATION) if (model_dir / n).exists()}
+    manifest["sha256"] = {n: sha256_file(model_dir / n) for n in (MODEL, CALIBRATION, EXPLAINER)
+                          if (model_dir / n).exists()}
     write_json(mf, manifest)
     return manifest
 
@@ -140,7 +143,7 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
     """Train ``kind`` on a dataset folder and write model.onnx, a global calibration and manifest.json."""
     from models.calibrate import global_calibration
     from models.export import export_onnx, score_onnx
-    from models.nets import predict
+    from models.nets import Ensemble, predict
     from stream.features import FEATURE_NAMES, FEATURE_SPEC_HASH
 
     cfg = (cfg or TrainConfig()).replace(model=kind)
@@ -153,6 +156,17 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
     diff = float(np.abs(scores[probe] - predict(model, td.x[probe])).max()) if len(probe) else 0.0
     if diff > EXPORT_TOLERANCE:
         raise RuntimeError(f"ONNX export differs from torch by {diff:.3g} (> {EXPORT_TOLERANCE})")
+    explainer = None
+    if isinstance(model, Ensemble):  # reason codes occlude each feature group of every invalid click: with one
+        # member instead of all of them that call costs 1/len(members) (an attack's all-invalid batch)
+        export_onnx(model.members[0], td.x.shape[1], out / EXPLAINER)
+        sub = predict(model.members[0], td.x[probe])
+        d0 = float(np.abs(score_onnx(out / EXPLAINER, td.x[probe]) - sub).max()) if len(probe) else 0.0
+        if d0 > EXPORT_TOLERANCE:
+            raise RuntimeError(f"ONNX export of the explainer differs from torch by {d0:.3g} (> {EXPORT_TOLERANCE})")
+        explainer = {"file": EXPLAINER, "of": f"member 0 of {len(model.members)}"}
+    elif (out / EXPLAINER).exists():
+        (out / EXPLAINER).unlink()  # (a folder trained again as a single network)
     va, te = td.rows(VAL), td.rows(TEST)
     cal = global_calibration(scores[va], td.purchased[va], td.heavy[va], td.slices[va], cfg.fpr_budget,
                              cfg.coverage_floor, cfg.curve_points)
@@ -163,7 +177,7 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
         out, model_version=version, kind=kind, feature_spec_hash=FEATURE_SPEC_HASH,
         feature_names=list(FEATURE_NAMES), created_at=created.isoformat(), training_window=td.window(),
         data_dir=str(data_dir), config=cfg.to_dict(), export_max_abs_diff=diff,
-        reason_reference=reason_reference(td),
+        reason_reference=reason_reference(td), explainer=explainer,
         training={k: v for k, v in hist.items() if k != "epochs"} | {"epochs": len(hist["epochs"]),
                                                                      "label_maturity": td.meta.get("label_maturity")},
         metrics={"val": model_metrics(scores, td, va, cfg.fpr_budget),

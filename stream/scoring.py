@@ -24,6 +24,7 @@ from stream.features import FEATURE_GROUPS, FEATURE_NAMES, FEATURE_SPEC_HASH
 log = logging.getLogger(__name__)
 INPUT_NAME = "features"
 OUTPUT_NAME = "score"
+EXPLAINER_FILE = "explain.onnx"
 
 
 class ModelError(RuntimeError):
@@ -44,6 +45,9 @@ class Model:
     # decisions name no feature groups)
     reference: np.ndarray | None = None
     slice_references: dict[str, np.ndarray] = field(default_factory=dict)
+    # the reason codes' occlusion network: an ensemble's member 0 alone (``explain.onnx``, the manifest's
+    # ``explainer``), or None: the served graph itself
+    explainer: Any = None
 
     def threshold(self, slice_: str) -> float:
         return self.thresholds.get(slice_, self.default_threshold)
@@ -133,7 +137,17 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
         )
     check_version(manifest.get("model_version"), f"model {folder}: manifest model_version")
     digests = manifest.get("sha256") or {}
-    for name, raw in (("model.onnx", onnx_bytes), ("calibration.json", (folder / "calibration.json").read_bytes())):
+    files = [("model.onnx", onnx_bytes), ("calibration.json", (folder / "calibration.json").read_bytes())]
+    explainer = manifest.get("explainer")
+    if explainer is not None:
+        name = explainer.get("file") if isinstance(explainer, dict) else None
+        if name != EXPLAINER_FILE:
+            raise ModelError(f"model {folder}: its manifest's explainer is not {{'file': {EXPLAINER_FILE!r}, ...}}")
+        try:
+            files.append((name, (folder / name).read_bytes()))
+        except FileNotFoundError:
+            raise ModelError(f"incomplete model folder {folder}: {name} missing") from None
+    for name, raw in files:
         want = digests.get(name)
         if not want:
             raise ModelError(f"model {folder}: its manifest lists no sha256 for {name}: refusing an unverified file")
@@ -144,6 +158,7 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
     opts.inter_op_num_threads = 1
     chosen, why = _providers(providers)
     sess = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=chosen)
+    explain = ort.InferenceSession(files[2][1], sess_options=opts, providers=chosen) if explainer else None
     active = sess.get_providers()[0]  # what runs, whatever was asked for
     if active != chosen[0]:
         why = f"{chosen[0]} failed to initialise (see onnxruntime's messages above)"
@@ -159,6 +174,7 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
         manifest=manifest,
         reference=reference,
         slice_references=slice_refs,
+        explainer=explain,
     )
 
 
@@ -192,9 +208,11 @@ def score_batch(model: Model, matrix: np.ndarray) -> np.ndarray:
 
 # Reason codes: each feature group occluded (its features set to the reference values of the click's slice: a
 # typical human click of that slice) in one extra ONNX call over the invalid clicks; a group's push is the score
-# it adds over that reference. Pushes are rounded before ranking so that float noise between batch compositions
-# never reorders near-ties. The slice group (logged-in, platform) is the context a click is judged in (its
-# threshold is the slice's own), never a reason: it is not occluded.
+# it adds over that reference. For an ensemble that call runs its member 0 alone (``Model.explainer``), on the
+# clicks as they are and occluded: the pushes are that member's, at a fifth of the cost with five members. Pushes
+# are rounded before ranking so that float noise between batch compositions never reorders near-ties. The slice
+# group (logged-in, platform) is the context a click is judged in (its threshold is the slice's own), never a
+# reason: it is not occluded.
 _EXPLAINED = tuple((g, names) for g, names in FEATURE_GROUPS if g != "slice")
 _GROUP_MASK = np.zeros((len(_EXPLAINED), len(FEATURE_NAMES)), dtype=bool)
 for _g, (_, _names) in enumerate(_EXPLAINED):
@@ -216,8 +234,15 @@ def reason_groups(model: Model, matrix: np.ndarray, scores: np.ndarray, rows: Se
     ref = np.stack([model.slice_references.get(sl, base) for sl in slices])  # [k, F]
     occluded = np.where(_GROUP_MASK[None, :, :], ref[:, None, :], x[:, None, :])  # [k, G, F]
     k, g = len(x), len(GROUP_NAMES)
-    s_occ = score_batch(model, occluded.reshape(k * g, -1)).reshape(k, g)
-    push = np.round(np.asarray(scores, dtype=np.float32)[list(rows)][:, None] - s_occ, 4)
+    if model.explainer is not None:
+        both = np.ascontiguousarray(np.concatenate([x, occluded.reshape(k * g, -1)]), dtype=np.float32)
+        (out,) = model.explainer.run([OUTPUT_NAME], {INPUT_NAME: both})
+        out = np.asarray(out, dtype=np.float32).reshape(-1)
+        base, s_occ = out[:k], out[k:].reshape(k, g)
+    else:
+        base = np.asarray(scores, dtype=np.float32)[list(rows)]
+        s_occ = score_batch(model, occluded.reshape(k * g, -1)).reshape(k, g)
+    push = np.round(base[:, None] - s_occ, 4)
     order = np.argsort(-push, axis=1, kind="stable")[:, :REASON_GROUPS]
     return [[GROUP_NAMES[j] for j in order[i] if push[i, j] >= _PUSH_MIN] for i in range(k)]
 

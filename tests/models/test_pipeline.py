@@ -75,6 +75,28 @@ def test_ensemble_averages_members_trained_from_consecutive_seeds(td) -> None:  
     assert len(hist["epochs"]) == sum(m["epochs"] for m in hist["members"])
 
 
+def test_an_ensemble_s_folder_holds_its_member_0_as_the_explainer(td, small: Path,  # type: ignore[no-untyped-def]
+                                                                   tmp_path: Path) -> None:
+    """explain.onnx (the reason codes' occlusion network, stream.scoring) is the ensemble's member 0: the network
+    of cfg.seed trained alone; a single network's folder has none."""
+    from models.export import score_onnx
+    from models.nets import predict
+    from models.pipeline import train_to_dir
+    from models.train import train
+
+    cfg = CFG.replace(epochs=1, ensemble=2)
+    manifest = train_to_dir(small, tmp_path / "ens", "mlp", cfg, td=td)
+    assert manifest["explainer"] == {"file": "explain.onnx", "of": "member 0 of 2"}
+    first, _ = train(td, cfg.replace(ensemble=1), "mlp")
+    rows = td.x[:3000]
+    got = score_onnx(tmp_path / "ens" / "explain.onnx", rows)
+    assert float(np.abs(got - predict(first, rows)).max()) < 1e-5
+    assert float(np.abs(got - score_onnx(tmp_path / "ens" / "model.onnx", rows)).max()) > 1e-3  # not the ensemble
+    manifest = train_to_dir(small, tmp_path / "ens", "mlp", cfg.replace(ensemble=1), td=td)  # the same folder
+    assert manifest["explainer"] is None and "explain.onnx" not in manifest["sha256"]
+    assert not (tmp_path / "ens" / "explain.onnx").exists()
+
+
 def test_models_rank_mlp_logreg_heuristic_on_later_data(td) -> None:  # type: ignore[no-untyped-def]
     """At the same FPR on the held-out last quarter: IVR(MLP) > IVR(logreg) > IVR(heuristic) (3-seed mean) for one
     network; the served ensemble of networks (TrainConfig.ensemble) above logreg in truth bot recall."""
@@ -176,7 +198,9 @@ def test_cli_train_calibrate_evaluate_report(small: Path, td, tmp_path: Path) ->
     r = runner.invoke(app, ["train", str(small), "--out", str(model), *sets])
     assert r.exit_code == 0, r.output
     manifest = read_json(model / "manifest.json")
-    assert manifest["kind"] == "mlp" and set(manifest["sha256"]) == {"model.onnx", "calibration.json"}
+    assert manifest["kind"] == "mlp" and set(manifest["sha256"]) == {"model.onnx", "calibration.json", "explain.onnx"}
+    # an ensemble (TrainConfig.ensemble, 5) has its member 0 beside it for the reason codes' occlusion call
+    assert manifest["explainer"] == {"file": "explain.onnx", "of": "member 0 of 5"}
     # reason codes' references: the median of the training split's weak-labelled human clicks, per feature,
     # overall and per slice; a slice's reference holds that slice's logged-in and platform values
     from stream.features import FEATURE_NAMES

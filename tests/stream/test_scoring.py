@@ -173,3 +173,54 @@ def test_reason_codes_compare_a_click_with_humans_of_its_own_slice(tmp_path: Pat
     x[:, F.FEATURE_NAMES.index("ip_datacenter")] = 1.0
     ds = scoring.decision_dicts(m, cs, scoring.score_batch(m, x), decided_at=0, features=x)
     assert [d["reason"].partition("; pushed by ")[2] for d in ds] == ["ip_datacenter", "user_velocity, ip_datacenter"]
+
+
+def _with_explainer(folder: Path, zero: tuple[str, ...]) -> Path:
+    """The toy model with an ``explain.onnx``: the same logistic with the weights of ``zero`` set to 0 (so that
+    the reasons show which network explained them)."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    g = onnx.load(str(folder / "model.onnx"))
+    for i, init in enumerate(g.graph.initializer):
+        if init.name == "w":
+            w = numpy_helper.to_array(init).copy()
+            for n in zero:
+                w[F.FEATURE_NAMES.index(n), 0] = 0.0
+            g.graph.initializer[i].CopyFrom(numpy_helper.from_array(w, "w"))
+    raw = g.SerializeToString()
+    (folder / scoring.EXPLAINER_FILE).write_bytes(raw)
+    mf = orjson.loads((folder / "manifest.json").read_bytes())
+    mf["explainer"] = {"file": scoring.EXPLAINER_FILE, "of": "member 0 of 5"}
+    mf["sha256"][scoring.EXPLAINER_FILE] = hashlib.sha256(raw).hexdigest()
+    (folder / "manifest.json").write_bytes(orjson.dumps(mf))
+    return folder
+
+
+def test_an_ensemble_s_reasons_come_from_its_explainer_network(model_dir: Path) -> None:
+    """With ``explain.onnx`` (an ensemble's member 0) the occlusion call runs that network, on the clicks as they
+    are and occluded; the decisions' scores stay the served graph's. A listed explainer that is missing or
+    altered is refused like the model itself."""
+    m = scoring.load_model(_with_explainer(model_dir, zero=("ip_datacenter",)))
+    assert m.explainer is not None
+    cs = traffic(2, seed=3)
+    x = _reference_rows(m, 2)
+    col = F.FEATURE_NAMES.index
+    x[0, col("ip_datacenter")] = 1.0  # pushes the served score, not the explainer's
+    x[1, col("u_clicks_1m")] = 12.0
+    x[1, col("ip_datacenter")] = 1.0
+    m.thresholds, m.default_threshold = {}, 0.2
+    scores = scoring.score_batch(m, x)
+    assert (scores >= 0.2).all(), scores
+    ds = scoring.decision_dicts(m, cs, scores, decided_at=cs[0].ts, features=x)
+    assert ds[0]["reason"] == f"score {ds[0]['score']:.3f} >= 0.200 on {ds[0]['slice']}"  # nothing named
+    assert ds[1]["reason"].endswith("; pushed by user_velocity")
+    assert [d["score"] for d in ds] == [float(s) for s in scores]
+    (model_dir / scoring.EXPLAINER_FILE).write_bytes(b"x" + (model_dir / scoring.EXPLAINER_FILE).read_bytes())
+    with pytest.raises(scoring.ModelError, match=r"explain\.onnx does not match"):
+        scoring.load_model(model_dir)
+    (model_dir / scoring.EXPLAINER_FILE).unlink()
+    with pytest.raises(scoring.ModelError, match=r"explain\.onnx missing"):
+        scoring.load_model(model_dir)
