@@ -392,11 +392,12 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
 
     # --- calibration: global vs slice-level -----------------------------------------------------------------
     args = (s[va], td.purchased[va], td.heavy[va], td.slices[va])
-    cal_g = global_calibration(*args, budget, cfg.coverage_floor, cfg.curve_points)
+    cal_g = global_calibration(*args, budget, cfg.coverage_floor, cfg.curve_points, cfg.slice_cap(budget),
+                               cfg.min_slice_purchases)
     cal_knee = global_calibration(*args, None, cfg.coverage_floor, cfg.curve_points)
     try:
         cal_s = slice_calibration(*args, budget, cfg.coverage_floor, cfg.fit_span, cfg.min_slice_purchases,
-                                  cfg.curve_points)
+                                  cfg.curve_points, cfg.min_slice_robotic, cfg.slice_cap(budget))
     except ValueError as e:
         cal_s = None
         md += [f"Slice-level calibration failed: {e}", ""]
@@ -415,7 +416,10 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
     hdr = ["calibration", "split", "IVR", "FPR", "coverage", "min slice coverage"]
     hdr += ["bot recall", "human FIR"] if truth else []
     md += ["## Calibration: global vs slice-level", "",
-           "Calibrated on the validation day; the test day shows how it carries over.", "", _table(hdr, cmp_rows), ""]
+           "Calibrated on the validation day; the test day shows how it carries over."
+           + (f" Both at {budget:g} keep every slice with enough purchases at an FPR of at most "
+              f"{cfg.slice_cap(budget):g} (slice_fpr_cap)." if cfg.slice_cap(budget) else ""),
+           "", _table(hdr, cmp_rows), ""]
     if cal_s is not None:
         srows = [[k, v["threshold"], v["volume_share"], v["purchase_share"], v["ivr"], v["fpr"], v["fpr_floor"],
                   v["coverage"], "yes" if v["pinned"] else ""]

@@ -48,6 +48,29 @@ def test_slice_level_beats_global_at_same_budget_and_meets_floors() -> None:
     assert cal["validation"]["overall"]["ivr"] == pytest.approx(r["ivr"])
 
 
+def test_a_slice_cap_bounds_every_measured_slice_and_slice_level_still_beats_global_under_it() -> None:
+    """Without a cap the program spends the budget where IVR is highest ('a:out': few purchases, many bots) at an
+    FPR there well above the budget; with one no slice's FPR exceeds it (on the calibration data), the overall
+    budget still holds, and the global threshold under the same cap invalidates less."""
+    s, purchased, heavy, slices = _slices_data()
+    budget, floor, cap = 0.05, 0.3, 0.05
+
+    def slice_fpr(cal: dict[str, object]) -> dict[str, float]:
+        thr = row_thresholds(slices, cal["thresholds"], cal["default_threshold"])  # type: ignore[arg-type]
+        return {n: rates(s[slices == n] >= thr[slices == n], purchased[slices == n], heavy[slices == n])["fpr"]
+                for n in ("a:out", "b:in")}
+
+    free = slice_calibration(s, purchased, heavy, slices, budget, floor, min_slice_purchases=10)
+    assert slice_fpr(free)["a:out"] > 1.5 * cap  # (what the cap is for)
+    capped = slice_calibration(s, purchased, heavy, slices, budget, floor, min_slice_purchases=10, slice_cap=cap)
+    assert max(slice_fpr(capped).values()) <= cap + 1e-12 and capped["slice_fpr_cap"] == cap
+    assert capped["validation"]["overall"]["fpr"] <= budget + 1e-12
+    g = global_calibration(s, purchased, heavy, slices, budget, slice_cap=cap, min_slice_purchases=10)
+    g_free = global_calibration(s, purchased, heavy, slices, budget)
+    assert max(slice_fpr(g).values()) <= cap + 1e-12 and g["default_threshold"] >= g_free["default_threshold"]
+    assert capped["validation"]["overall"]["ivr"] > g["validation"]["overall"]["ivr"]
+
+
 def test_infeasible_budget_names_the_binding_slice() -> None:
     s, purchased, heavy, slices = _slices_data()
     with pytest.raises(CalibrationError) as e:
