@@ -26,6 +26,10 @@ bench's reader of the decisions topic gets decisions: the CPU between the first 
 over the decisions that came in between (start-up, rebalance and the first decisions' share excluded; not the
 broker's or Redis' own CPU, for none of the three). Rates are per process; the machine's other load and the
 three's order make them noisy: compare within one run.
+
+Profile: ``SLIDR_BENCH_PROFILE=FILE slidr bench e2e --set peer=false`` runs the worker under pyinstrument (dev
+extra) and writes its call tree (text, every frame) to FILE when the worker stops; the sampling slows the worker
+about 2x, so its rates in that run are not figures.
 """
 
 from __future__ import annotations
@@ -68,7 +72,9 @@ def start_worker(s: Settings, tmp: Path) -> subprocess.Popen[bytes]:
     from stream import toymodel
 
     toymodel.build_registry(s.registry_path, version="toy-bench")
-    return subprocess.Popen([sys.executable, "-m", "slidr", "worker", "--loglevel", "warning"],
+    prof = os.environ.get("SLIDR_BENCH_PROFILE")  # a path: the worker runs under pyinstrument (text report there)
+    pre = ["-m", "pyinstrument", "--renderer", "text", "--show-all", "-o", prof] if prof else []
+    return subprocess.Popen([sys.executable, *pre, "-m", "slidr", "worker", "--loglevel", "warning"],
                             env=worker_env(s), stdout=(tmp / "worker.log").open("wb"), stderr=subprocess.STDOUT)
 
 
