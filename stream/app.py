@@ -257,7 +257,9 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     health = Health((users, ips), lambda: sum(n for tp, n in faust_fixes.consumer_lag(app.consumer).items()
                                               if tp.topic in inputs),
                     lambda: bool(app.consumer.assignment()), lambda: producer().client, s.health_stuck_after_s,
-                    busy=lambda: bool(app.rebalancing))
+                    busy=lambda: bool(app.rebalancing),
+                    uncommitted=lambda: sum(n for tp, n in faust_fixes.commit_lag(app.consumer).items()
+                                            if tp.topic in inputs))
     loop: list[asyncio.AbstractEventLoop] = []
 
     def stuck(why: str) -> None:

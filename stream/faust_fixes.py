@@ -193,6 +193,23 @@ def consumer_lag(consumer: Any) -> dict[Any, int]:
     return out
 
 
+def commit_lag(consumer: Any) -> dict[Any, int]:
+    """Per assigned partition, the messages read but not committed: the read offset + 1 less the committed offset
+    (where delivery started, ``start_offset``, when nothing is committed yet; unknown: left out). It falls to 0
+    within a commit interval once the stages have handled what they read; one that stays while no batch completes
+    was read and never counted as acked (``stream.health``)."""
+    start = consumer.__dict__.get(_START, {})
+    out = {}
+    for tp in consumer.assignment():
+        read = consumer._read_offset.get(tp)
+        committed = consumer._committed_offset.get(tp)
+        if committed is None:
+            committed = start.get(tp)
+        if read is not None and committed is not None:
+            out[tp] = max(0, int(read) + 1 - int(committed))
+    return out
+
+
 _HELD = "_slidr_held_since"  # TP -> the first generation of its unbroken run of assignments to this consumer
 _LAST = "_slidr_last_generation"  # the generation of the last assignment (its TPs are _HELD's keys)
 

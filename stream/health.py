@@ -9,7 +9,9 @@ plus ``slidr_worker_healthy`` and the time of the verdict:
   which hold the worker's own writes and are read only during recovery) have lag, or a stage awaits a partition
   fetched again after a jump (``Stage.rewinding``), or has a batch in progress, or the IP stage holds clicks
   (``IpStage.n_held``: read and acked without counting, so no lag shows them; its timer releases them within
-  ``watermark_idle_s`` once their inputs go quiet, and that release is a batch), a stage completed a batch
+  ``watermark_idle_s`` once their inputs go quiet, and that release is a batch), or messages read stay
+  uncommitted (``faust_fixes.commit_lag``: read, so no lag shows them, and never counted as acked; healthy, the
+  next commit takes them within seconds of their batch), a stage completed a batch
   within ``health_stuck_after_s`` (settings; an idle worker with no lag is not stuck, nor one that is
   rebalancing or recovering its tables: its inputs are paused meanwhile).
 The first verdict comes once the tables have recovered (Faust starts its timers then).
@@ -49,13 +51,14 @@ class Health:
 
     def __init__(self, stages: Sequence[Any], lag: Callable[[], int], assigned: Callable[[], bool],
                  client: Callable[[], Any], stuck_after_s: float = 60.0,
-                 busy: Callable[[], bool] = lambda: False) -> None:
+                 busy: Callable[[], bool] = lambda: False, uncommitted: Callable[[], int] = lambda: 0) -> None:
         self.stages = stages
         self.lag = lag
         self.assigned = assigned
         self.client = client
         self.stuck_after_s = stuck_after_s
         self.busy = busy  # rebalancing or recovering tables: inputs paused, not stuck
+        self.uncommitted = uncommitted  # input messages read and not committed (faust_fixes.commit_lag)
         self._batches = -1
         self._moved = time.monotonic()
         self.checked_at: float | None = None  # monotonic time of the last check (None: none yet)
@@ -76,10 +79,11 @@ class Health:
         batches = sum(st.batches for st in self.stages)
         # work pending: input lag (Faust's read offsets), partitions a stage awaits since a jump (their events were
         # read and refused: no lag shows them), a batch in progress (one that never ends holds the stage's lock),
-        # clicks the IP stage holds (read and acked without counting: no lag shows them either)
+        # clicks the IP stage holds (read and acked without counting: no lag shows them either), messages read and
+        # not committed (a message never counted as acked keeps its partition's commits behind it for good)
         pending = self.lag() + sum(len(getattr(st, "rewinding", ())) for st in self.stages) + sum(
             1 for st in self.stages if getattr(st, "batch_since", None) is not None) + sum(
-            sum(getattr(st, "n_held", {}).values()) for st in self.stages)  # (clicks held for the watermark)
+            sum(getattr(st, "n_held", {}).values()) for st in self.stages) + self.uncommitted()
         busy = self.busy()
         if batches != self._batches or pending == 0 or busy:
             self._batches, self._moved = batches, now
@@ -113,7 +117,8 @@ class Health:
         if self.broker_ok and now - self._moved > self.stuck_after_s:
             return blocked if quiet > 2 * CHECK_EVERY_S else (
                 f"no batch completed for {now - self._moved:.0f} s while it has work pending (input lag, a partition "
-                f"awaited since a jump, or a batch in progress; health_stuck_after_s {self.stuck_after_s:g})")
+                f"awaited since a jump, a batch in progress, held clicks or messages read and not committed; "
+                f"health_stuck_after_s {self.stuck_after_s:g})")
         return ""
 
     def start(self) -> None:

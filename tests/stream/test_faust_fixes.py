@@ -358,3 +358,16 @@ def test_a_rebalance_has_a_sensor_state_without_the_monitor(tmp_path: Any) -> No
     app = faust.App("t-rebalance", broker="kafka://127.0.0.1:1", datadir=str(tmp_path), web_enabled=False)
     list(app.on_init_dependencies())
     assert app.sensors.on_rebalance_start(app)  # (Faust warns "Missing sensor state" at every rebalance if empty)
+
+
+def test_commit_lag_counts_messages_read_and_not_committed() -> None:
+    """Read offset + 1 less the committed offset (or, with nothing committed, where delivery started); a partition
+    with neither known is left out, and a commit past the read offset (a control record) counts 0."""
+    a, b, c_, d = FaustTP("clicks", 0), FaustTP("clicks", 1), FaustTP("clicks", 2), FaustTP("clicks", 3)
+    c = SimpleNamespace(assignment=lambda: {a, b, c_, d}, _read_offset={a: 99, b: 41, c_: None, d: 7},
+                        _committed_offset={a: 100, b: 30, c_: 5, d: None})
+    c.__dict__[faust_fixes._START] = {d: 2}
+    assert faust_fixes.commit_lag(c) == {a: 0, b: 12, d: 6}  # b: offsets 30..41
+    c._read_offset[a] = 120
+    c._committed_offset[a] = 122  # (a transaction's control record after the last message read)
+    assert faust_fixes.commit_lag(c)[a] == 0

@@ -167,6 +167,27 @@ def test_clicks_held_for_the_watermark_that_never_leave_are_work_pending() -> No
     assert "work pending" in h.stuck(time.monotonic())
 
 
+def test_messages_read_and_never_committed_are_work_pending() -> None:
+    """A message read and never counted as acked keeps its partition's commits behind it; no lag shows it. A
+    worker with such messages and no batch completing is stuck (healthy, the next commit takes them)."""
+    uncommitted = [0]
+    h = Health([_Stage()], lambda: 0, lambda: True, lambda: None, stuck_after_s=10.0,
+               uncommitted=lambda: uncommitted[0])
+
+    async def answers() -> bool:
+        return True
+
+    h.broker_answers = answers  # type: ignore[method-assign]
+    asyncio.run(h.check())
+    h._moved -= 11
+    asyncio.run(h.check())
+    assert h.stuck(time.monotonic()) == ""  # all committed: idle
+    uncommitted[0] = 37
+    h._moved -= 11
+    asyncio.run(h.check())
+    assert "not committed" in h.stuck(time.monotonic())
+
+
 def test_a_rebalance_that_goes_on_past_the_stuck_time_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     lag, busy, broker = [100], [True], [True]
     h = _health(lag, busy, broker)
