@@ -21,12 +21,11 @@ from models.labels import TEST, TRAIN, VAL
 from models.metrics import evaluate, ivr_at_fpr, recall_at_fir, roc_auc, row_thresholds
 from models.registry import MANIFEST, sha256_file
 from models.train import TrainingData, build_training_data
-from stream.scoring import EXPLAINER_FILE
+from stream.scoring import EXPLAINER_FILE as EXPLAINER  # an ensemble's member 0: the reason codes' network
 
 log = logging.getLogger(__name__)
 
 MODEL = "model.onnx"
-EXPLAINER = EXPLAINER_FILE  # an ensemble's member 0 alone: the reason codes' occlusion call (stream.scoring)
 CALIBRATION = "calibration.json"
 SPLITS = {"train": TRAIN, "val": VAL, "test": TEST}
 REFERENCE_MIN_ROWS = 50  # clicks behind a slice's reason-code reference, at least
@@ -150,20 +149,23 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
     td = td or load_training_data(data_dir, cfg)
     model, hist = train_from(td, cfg)
     out.mkdir(parents=True, exist_ok=True)
-    export_onnx(model, td.x.shape[1], out / MODEL)
-    scores = score_onnx(out / MODEL, td.x)
     probe = np.arange(0, len(td.x), max(1, len(td.x) // 5000))  # thousands of rows across the data
-    diff = float(np.abs(scores[probe] - predict(model, td.x[probe])).max()) if len(probe) else 0.0
-    if diff > EXPORT_TOLERANCE:
-        raise RuntimeError(f"ONNX export differs from torch by {diff:.3g} (> {EXPORT_TOLERANCE})")
+
+    def export_checked(net: Any, path: Path) -> float:
+        """Export ``net`` to ``path``; its largest difference from torch on the probe rows (refused over the
+        tolerance)."""
+        export_onnx(net, td.x.shape[1], path)
+        d = float(np.abs(score_onnx(path, td.x[probe]) - predict(net, td.x[probe])).max()) if len(probe) else 0.0
+        if d > EXPORT_TOLERANCE:
+            raise RuntimeError(f"ONNX export of {path.name} differs from torch by {d:.3g} (> {EXPORT_TOLERANCE})")
+        return d
+
+    diff = export_checked(model, out / MODEL)
+    scores = score_onnx(out / MODEL, td.x)
     explainer = None
     if isinstance(model, Ensemble):  # reason codes occlude each feature group of every invalid click: with one
         # member instead of all of them that call costs 1/len(members) (an attack's all-invalid batch)
-        export_onnx(model.members[0], td.x.shape[1], out / EXPLAINER)
-        sub = predict(model.members[0], td.x[probe])
-        d0 = float(np.abs(score_onnx(out / EXPLAINER, td.x[probe]) - sub).max()) if len(probe) else 0.0
-        if d0 > EXPORT_TOLERANCE:
-            raise RuntimeError(f"ONNX export of the explainer differs from torch by {d0:.3g} (> {EXPORT_TOLERANCE})")
+        export_checked(model.members[0], out / EXPLAINER)
         explainer = {"file": EXPLAINER, "of": f"member 0 of {len(model.members)}"}
     elif (out / EXPLAINER).exists():
         (out / EXPLAINER).unlink()  # (a folder trained again as a single network)

@@ -139,14 +139,16 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
     digests = manifest.get("sha256") or {}
     files = [("model.onnx", onnx_bytes), ("calibration.json", (folder / "calibration.json").read_bytes())]
     explainer = manifest.get("explainer")
+    explainer_bytes = None
     if explainer is not None:
         name = explainer.get("file") if isinstance(explainer, dict) else None
         if name != EXPLAINER_FILE:
             raise ModelError(f"model {folder}: its manifest's explainer is not {{'file': {EXPLAINER_FILE!r}, ...}}")
         try:
-            files.append((name, (folder / name).read_bytes()))
+            explainer_bytes = (folder / name).read_bytes()
         except FileNotFoundError:
             raise ModelError(f"incomplete model folder {folder}: {name} missing") from None
+        files.append((name, explainer_bytes))
     for name, raw in files:
         want = digests.get(name)
         if not want:
@@ -158,7 +160,8 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
     opts.inter_op_num_threads = 1
     chosen, why = _providers(providers)
     sess = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=chosen)
-    explain = ort.InferenceSession(files[2][1], sess_options=opts, providers=chosen) if explainer else None
+    explain = (ort.InferenceSession(explainer_bytes, sess_options=opts, providers=chosen)
+               if explainer_bytes is not None else None)
     active = sess.get_providers()[0]  # what runs, whatever was asked for
     if active != chosen[0]:
         why = f"{chosen[0]} failed to initialise (see onnxruntime's messages above)"
@@ -199,10 +202,15 @@ def _references(raw: Any, folder: Path) -> tuple[np.ndarray | None, dict[str, np
 
 def score_batch(model: Model, matrix: np.ndarray) -> np.ndarray:
     """P(robot) for each row of a raw feature matrix ``[N, F]`` (float32)."""
+    return _run(model.session, matrix)
+
+
+def _run(session: Any, matrix: np.ndarray) -> np.ndarray:
+    """One ONNX call of a scoring graph (the model or its explainer) over a raw feature matrix ``[N, F]``."""
     x = np.ascontiguousarray(matrix, dtype=np.float32)
     if x.ndim != 2 or x.shape[1] != len(FEATURE_NAMES):
         raise ValueError(f"expected a [N, {len(FEATURE_NAMES)}] matrix, got {x.shape}")
-    (out,) = model.session.run([OUTPUT_NAME], {INPUT_NAME: x})
+    (out,) = session.run([OUTPUT_NAME], {INPUT_NAME: x})
     return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
@@ -230,19 +238,16 @@ def reason_groups(model: Model, matrix: np.ndarray, scores: np.ndarray, rows: Se
     if model.reference is None or not len(rows):
         return [[] for _ in rows]
     x = np.asarray(matrix, dtype=np.float32)[list(rows)]  # [k, F]
-    base = model.reference
-    ref = np.stack([model.slice_references.get(sl, base) for sl in slices])  # [k, F]
+    ref = np.stack([model.slice_references.get(sl, model.reference) for sl in slices])  # [k, F]
     occluded = np.where(_GROUP_MASK[None, :, :], ref[:, None, :], x[:, None, :])  # [k, G, F]
     k, g = len(x), len(GROUP_NAMES)
-    if model.explainer is not None:
-        both = np.ascontiguousarray(np.concatenate([x, occluded.reshape(k * g, -1)]), dtype=np.float32)
-        (out,) = model.explainer.run([OUTPUT_NAME], {INPUT_NAME: both})
-        out = np.asarray(out, dtype=np.float32).reshape(-1)
-        base, s_occ = out[:k], out[k:].reshape(k, g)
+    if model.explainer is not None:  # its own score of the clicks as they are, in the same call
+        out = _run(model.explainer, np.concatenate([x, occluded.reshape(k * g, -1)]))
+        own, s_occ = out[:k], out[k:].reshape(k, g)
     else:
-        base = np.asarray(scores, dtype=np.float32)[list(rows)]
+        own = np.asarray(scores, dtype=np.float32)[list(rows)]
         s_occ = score_batch(model, occluded.reshape(k * g, -1)).reshape(k, g)
-    push = np.round(base[:, None] - s_occ, 4)
+    push = np.round(own[:, None] - s_occ, 4)
     order = np.argsort(-push, axis=1, kind="stable")[:, :REASON_GROUPS]
     return [[GROUP_NAMES[j] for j in order[i] if push[i, j] >= _PUSH_MIN] for i in range(k)]
 
