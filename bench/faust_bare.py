@@ -35,7 +35,12 @@ def build(topic: str, n: int, datadir: str, stock: bool = False) -> Any:
         broker_credentials=s.faust_credentials(), datadir=datadir, web_enabled=False,
         consumer_auto_offset_reset="earliest", stream_buffer_maxsize=16384, topic_partitions=s.partitions, **tuning,
     )
-    src = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    if stock:
+        src = app.topic(topic, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+    else:  # the worker's input topics (stream.app)
+        from stream import faust_fixes
+
+        src = faust_fixes.raw_topic(app, topic)
     seen = {"n": 0, "t0": 0.0, "c0": 0.0}
 
     @app.agent(src, concurrency=1)

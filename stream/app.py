@@ -154,8 +154,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     )
 
     def topic(*names: str) -> Any:
-        return app.topic(*names, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-                         partitions=s.partitions)
+        return faust_fixes.raw_topic(app, *names, partitions=s.partitions)
 
     by_user_name = w.by_user
     user_in = topic(t.clicks, by_user_name)  # both partitioned by user key (n partitions each)
@@ -163,8 +162,7 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     by_ip = topic(w.by_ip_in)
     faust_fixes.gapless(by_user_name, w.by_ip_in)  # our own repartition topics: no control records in them
     topic(by_user_name), topic(by_ip_name), topic(t.decisions), topic(t.feature_log)  # declared like the others
-    app.topic(t.dead_letters, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw",
-              partitions=1)
+    faust_fixes.raw_topic(app, t.dead_letters, partitions=1)
 
     def table(name: str) -> Any:
         """A plain table of raw bytes (we store orjson bytes ourselves) whose changelog carries the topic

@@ -371,3 +371,20 @@ def test_commit_lag_counts_messages_read_and_not_committed() -> None:
     c._read_offset[a] = 120
     c._committed_offset[a] = 122  # (a transaction's control record after the last message read)
     assert faust_fixes.commit_lag(c)[a] == 0
+
+
+def test_a_raw_topic_hands_the_message_s_own_bytes_to_the_event(tmp_path: Any) -> None:
+    import faust
+    from faust.types import Message
+
+    app = faust.App("t-raw", broker="kafka://127.0.0.1:1", datadir=str(tmp_path), web_enabled=False)
+    topic = faust_fixes.raw_topic(app, "clicks")
+    assert isinstance(topic.schema, faust_fixes.RawSchema)  # (point 7: no serializer registry per message)
+    decode = topic.schema.compile(app)
+    key, value = b"user-1", b'{"click_id":"c1"}'
+    m = Message("clicks", 0, 7, 0.0, 0, None, key, value, None)
+    ev = asyncio.run(decode(m))
+    assert ev.key is key and ev.value is value and ev.message is m
+    for k, v in ((None, b"x"), (b"k", None)):  # no key; a tombstone: None, as the raw codec gives
+        ev = asyncio.run(decode(Message("clicks", 0, 8, 0.0, 0, None, k, v, None)))
+        assert ev.key == k and ev.value == v
