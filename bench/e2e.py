@@ -215,6 +215,15 @@ async def first_timestamp_ms(s: Settings, topic: str, timeout_s: float = 10.0) -
         await c.stop()
 
 
+def free_port() -> int:
+    """A TCP port free on loopback now (a worker's /metrics)."""
+    import socket
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        return int(so.getsockname()[1])
+
+
 def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of a process so far, all its threads (``/proc/<pid>/stat``; None without it)."""
     try:

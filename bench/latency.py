@@ -20,7 +20,6 @@ backlog: small batches cost more per click).
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import urllib.request
 from typing import Any
@@ -28,7 +27,16 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.e2e import bench_topics, consume_count, keyed, max_throughput, process_cpu_s, produce, running_worker
+from bench.e2e import (
+    bench_topics,
+    consume_count,
+    free_port,
+    keyed,
+    max_throughput,
+    process_cpu_s,
+    produce,
+    running_worker,
+)
 
 
 async def _send_timed(s: Any, topic: str, clicks: list[Any], rate: float) -> dict[bytes, int]:
@@ -53,12 +61,6 @@ async def _send_timed(s: Any, topic: str, clicks: list[Any], rate: float) -> dic
     finally:
         await p.stop()
     return sent
-
-
-def _free_port() -> int:
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        return int(so.getsockname()[1])
 
 
 def _scrape(port: int) -> dict[tuple[str, str], float]:
@@ -141,7 +143,7 @@ def run(rate: float | None = None, fraction: float = 0.5, seconds: float = 10.0,
     rate = float(rate)
     n = int(rate * seconds)
     with bench_topics("lat") as (s, t, tmp):
-        s = s.model_copy(update={"metrics_port": _free_port()})  # the worker's /metrics: its batches
+        s = s.model_copy(update={"metrics_port": free_port()})  # the worker's /metrics: its batches
         with running_worker(s, tmp) as w:
             warm = traffic(500, seed=99)
             asyncio.run(produce(s, t.clicks, keyed(warm)))

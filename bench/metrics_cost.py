@@ -9,23 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 from typing import Any
 
 import numpy as np
 
-from bench.e2e import bench_topics, consume_count, keyed, produce, running_worker
-
-
-def _free_port() -> int:
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        return int(so.getsockname()[1])
+from bench.e2e import bench_topics, consume_count, free_port, keyed, produce, running_worker
 
 
 def _once(clicks: list[Any], metrics: bool, timeout_s: float) -> float:
     old = os.environ.get("SLIDR_METRICS_PORT")
-    os.environ["SLIDR_METRICS_PORT"] = str(_free_port()) if metrics else "0"
+    os.environ["SLIDR_METRICS_PORT"] = str(free_port()) if metrics else "0"
     try:
         with bench_topics("mcost") as (s, t, tmp):
             asyncio.run(produce(s, t.clicks, keyed(clicks)))

@@ -18,8 +18,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import bench_topics, consume_count, keyed, produce, stop_worker, worker_env
-from bench.scale import _free_port, _start
+from bench.e2e import bench_topics, consume_count, free_port, keyed, produce, stop_worker, worker_env
+from bench.scale import _start
 
 
 def _table_keys(port: int) -> dict[str, float]:
@@ -72,7 +72,7 @@ def run(n: int = 200_000, users: int = 50_000, ips: int = 250, timeout_s: float 
     with bench_topics("restore") as (s, t, tmp):
         toymodel.build_registry(s.registry_path, version="toy-bench")
         env = worker_env(s)
-        kept, port = tmp / "state", _free_port()
+        kept, port = tmp / "state", free_port()
         clicks = traffic(n, seed=5, users=users, ips=ips)
         first_s, w = _until_healthy(env, kept, tmp / "w0.log", port, timeout_s)
         try:

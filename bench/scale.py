@@ -23,15 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import bench_topics, consume_count, keyed, produce, stop_worker, worker_env
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        return int(so.getsockname()[1])
+from bench.e2e import bench_topics, consume_count, free_port, keyed, produce, stop_worker, worker_env
 
 
 def _start(env: dict[str, str], data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -45,7 +37,7 @@ def one_run(workers: int, clicks: list[Any], timeout_s: float) -> dict[str, Any]
 
     with bench_topics(f"scale{workers}") as (s, t, tmp):
         toymodel.build_registry(s.registry_path, version="toy-bench")
-        ports = [_free_port() for _ in range(workers)]
+        ports = [free_port() for _ in range(workers)]
         procs = [_start({**worker_env(s), "SLIDR_METRICS_PORT": str(p)}, tmp / f"w{i}", tmp / f"w{i}.log")
                  for i, p in enumerate(ports)]
         try:

@@ -70,7 +70,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from bench.e2e import bench_topics, consume_count, keyed, max_throughput, produce, running_worker
+from bench.e2e import bench_topics, consume_count, free_port, keyed, max_throughput, produce, running_worker
 
 FLAT_REL_PER_MIN = 0.02  # a flat metric's fitted line moves by at most 2% of its level per minute
 WARMUP_S = 60.0  # left out of the slope fits (half the run when it is shorter than two minutes)
@@ -177,14 +177,6 @@ def _rocksdb_mib(port: int) -> float | None:
             total += float(line.rsplit(" ", 1)[1])
             seen = True
     return total / 2**20 if seen else None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _check_loopback(bootstrap: str) -> None:
@@ -372,7 +364,7 @@ def _run_soak(rate: float, duration_s: float, sample_s: float, timeout_s: float,
     from stream.synth import traffic
 
     with bench_topics("soak") as (s0, t, tmp):
-        s = s0.model_copy(update={"metrics_port": _free_port()})  # its RocksDB gauges split the RSS
+        s = s0.model_copy(update={"metrics_port": free_port()})  # its RocksDB gauges split the RSS
         with running_worker(s, tmp) as w:
             warm = traffic(500, seed=99)
             asyncio.run(produce(s, t.clicks, keyed(warm)))
