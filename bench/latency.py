@@ -95,8 +95,9 @@ def stage_figures(before: dict[tuple[str, str], float], after: dict[tuple[str, s
     return out
 
 
-async def _read_topic(s: Any, topic: str) -> list[Any]:
-    """Every message of ``topic`` (``s.partitions`` partitions) up to its end offsets now."""
+async def _read_topic(s: Any, topic: str, timeout_s: float) -> list[Any]:
+    """The messages of ``topic`` (``s.partitions`` partitions) up to its end offsets now, or what came within
+    ``timeout_s``."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
     c = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **s.kafka_client_kwargs())
@@ -108,7 +109,8 @@ async def _read_topic(s: Any, topic: str) -> list[Any]:
         ends = await c.end_offsets(tps)
         got = dict.fromkeys(tps, 0)
         out: list[Any] = []
-        while any(got[tp] < ends[tp] for tp in tps):
+        t_end = time.monotonic() + timeout_s
+        while any(got[tp] < ends[tp] for tp in tps) and time.monotonic() < t_end:
             for tp, msgs in (await c.getmany(timeout_ms=500, max_records=20_000)).items():
                 out.extend(msgs)
                 got[tp] += len(msgs)
@@ -158,7 +160,7 @@ def run(rate: float | None = None, fraction: float = 0.5, seconds: float = 10.0,
             msgs = asyncio.run(consume_count(s, t.decisions, n + tail + len(warm), timeout_s))
             m1, c1 = _scrape(s.metrics_port), process_cpu_s(w.pid)
             measured = {c.click_id.encode() for c in clicks[:n]}
-        fwd = forwarded_at(asyncio.run(_read_topic(s, f"{t.prefix}.by-ip")))
+        fwd = forwarded_at(asyncio.run(_read_topic(s, f"{t.prefix}.by-ip", timeout_s)))
     first: dict[bytes, int] = {}
     for m in msgs:
         if m.key in measured and m.key not in first:
