@@ -43,6 +43,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -252,12 +253,14 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
                 metrics.TABLE_ROCKSDB.labels(name, kind).set(n)
 
     inputs = {t.clicks, by_user_name, by_ip_name}  # (not the changelogs: recovered, then only written)
-    health = Health((users, ips), lambda: sum(n for tp, n in faust_fixes.consumer_lag(app.consumer).items()
-                                              if tp.topic in inputs),
-                    lambda: bool(app.consumer.assignment()), lambda: producer().client, s.health_stuck_after_s,
-                    busy=lambda: bool(app.rebalancing),
-                    uncommitted=lambda: sum(n for tp, n in faust_fixes.commit_lag(app.consumer).items()
-                                            if tp.topic in inputs))
+
+    def on_inputs(per_partition: Callable[[Any], dict[Any, int]]) -> Callable[[], int]:
+        """The sum over the input partitions of a per-partition count of the consumer's."""
+        return lambda: sum(n for tp, n in per_partition(app.consumer).items() if tp.topic in inputs)
+
+    health = Health((users, ips), on_inputs(faust_fixes.consumer_lag), lambda: bool(app.consumer.assignment()),
+                    lambda: producer().client, s.health_stuck_after_s, busy=lambda: bool(app.rebalancing),
+                    uncommitted=on_inputs(faust_fixes.commit_lag))
     loop: list[asyncio.AbstractEventLoop] = []
 
     def stuck(why: str) -> None:
