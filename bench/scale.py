@@ -5,8 +5,10 @@ same way: the second figure issue 21 asks for (two workers against two peer proc
 Each run gets its own topics (same partition count, same clicks): its workers are started first and waited for
 until each one's health verdict passes (``stream/health.py``: broker, assigned partitions, model), so no
 rebalance falls inside the measurement; then the clicks are produced at full speed and the rate is the decided
-clicks over the span from the first decision to the last (producer timestamps of the decisions), as ``slidr bench
-e2e`` measures one worker. Workers are processes here (one per core on a 2-core machine); in a cluster they are
+clicks over the span from the first decision to the last (producer timestamps of the decisions) once ``n`` are
+decided, as ``slidr bench e2e`` measures one worker: the ``n`` clicks are followed by a tail
+(``bench.e2e.backlog_tail``), for a stream that stops holds its last clicks in the IP stage for
+``watermark_idle_s``. Workers are processes here (one per core on a 2-core machine); in a cluster they are
 pods (deploy/k8s), and the partition count bounds how many can share the work.
 The peers are started, warmed up (500 clicks decided) and waited for until their consumer group is stable with
 every process in it, then the clicks are produced as for the workers; a peer process runs until it is stopped.
@@ -23,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import bench_topics, consume_count, free_port, keyed, produce, stop_worker, worker_env
+from bench.e2e import backlog_tail, bench_topics, consume_count, free_port, keyed, produce, stop_worker, worker_env
 
 
 def _start(env: dict[str, str], data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -31,7 +33,7 @@ def _start(env: dict[str, str], data_dir: Path, log: Path) -> subprocess.Popen[b
                              "--loglevel", "warning"], env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
 
 
-def one_run(workers: int, clicks: list[Any], timeout_s: float) -> dict[str, Any]:
+def one_run(workers: int, clicks: list[Any], n: int, timeout_s: float) -> dict[str, Any]:
     from stream import toymodel
     from stream.health import probe
 
@@ -50,7 +52,7 @@ def one_run(workers: int, clicks: list[Any], timeout_s: float) -> dict[str, Any]
                     raise RuntimeError("the workers did not all become healthy (assigned) in time")
                 time.sleep(0.5)
             asyncio.run(produce(s, t.clicks, keyed(clicks)))
-            msgs = asyncio.run(consume_count(s, t.decisions, len(clicks), timeout_s))
+            msgs = asyncio.run(consume_count(s, t.decisions, n, timeout_s))
         finally:
             for w in procs:
                 stop_worker(w)
@@ -75,8 +77,9 @@ async def _group(s: Any, group: str) -> tuple[str, int]:
         await admin.close()
 
 
-def peer_run(count: int, clicks: list[Any], timeout_s: float) -> dict[str, Any]:
-    """``count`` peer processes in one consumer group over the clicks, measured as ``one_run`` measures workers."""
+def peer_run(count: int, clicks: list[Any], n: int, timeout_s: float) -> dict[str, Any]:
+    """``count`` peer processes in one consumer group over the clicks, measured as ``one_run`` measures workers
+    (the first ``n`` decided)."""
     from bench.peer import PeerTopics, create_peer_topics, drop_internal_topics
     from stream import toymodel
     from stream.synth import traffic
@@ -101,7 +104,7 @@ def peer_run(count: int, clicks: list[Any], timeout_s: float) -> dict[str, Any]:
                     raise RuntimeError(f"the peers' group did not become stable with {count} members in time")
                 time.sleep(0.5)
             want = {c.click_id.encode() for c in clicks}
-            got = asyncio.run(_received(s, pt.decisions, want, timeout_s, produce(s, t.clicks, keyed(clicks))))
+            got = asyncio.run(_received(s, pt.decisions, want, n, timeout_s, produce(s, t.clicks, keyed(clicks))))
         finally:
             for p in procs:
                 stop_worker(p)
@@ -111,8 +114,9 @@ def peer_run(count: int, clicks: list[Any], timeout_s: float) -> dict[str, Any]:
                 "clicks_per_s": round(len(got) / span_s)}
 
 
-async def _received(s: Any, topic: str, want: set[bytes], timeout_s: float, sending: Any) -> dict[bytes, float]:
-    """Wall-clock time each wanted key first arrives on ``topic`` while ``sending`` runs.
+async def _received(s: Any, topic: str, want: set[bytes], n: int, timeout_s: float,
+                    sending: Any) -> dict[bytes, float]:
+    """Wall-clock time each wanted key first arrives on ``topic`` while ``sending`` runs, until ``n`` did.
     (Quix stamps an output with its input's timestamp, here the click's event time: the peer's decisions carry
     no time of their own, so they are timed as they arrive, every 50 ms at most.)"""
     from aiokafka import AIOKafkaConsumer
@@ -123,7 +127,7 @@ async def _received(s: Any, topic: str, want: set[bytes], timeout_s: float, send
     try:
         send = asyncio.ensure_future(sending)
         t_end = time.monotonic() + timeout_s
-        while len(got) < len(want) and time.monotonic() < t_end:
+        while len(got) < n and time.monotonic() < t_end:
             for batch in (await c.getmany(timeout_ms=50, max_records=50_000)).values():
                 now = time.monotonic()
                 for m in batch:
@@ -140,11 +144,11 @@ def run(n: int = 100_000, workers: list[int] | None = None, peers: list[int] | N
     from bench.peer import quix_missing
     from stream.synth import traffic
 
-    clicks = traffic(n, seed=7)
+    clicks = traffic(n + backlog_tail(n), seed=7)  # n timed, then the tail
     load_before = os.getloadavg()[0]
-    runs = [one_run(w, clicks, timeout_s) for w in (workers or [1, 2])]
+    runs = [one_run(w, clicks, n, timeout_s) for w in (workers or [1, 2])]
     why = quix_missing()
-    peer_runs = [] if why else [peer_run(p, clicks, timeout_s) for p in ([1, 2] if peers is None else peers)]
+    peer_runs = [] if why else [peer_run(p, clicks, n, timeout_s) for p in ([1, 2] if peers is None else peers)]
     out: dict[str, Any] = {"clicks": n, "cpu_cores": os.cpu_count(), "load_avg_1m_before": round(load_before, 2)}
     for r in runs:
         k = f"{r['workers']}_worker{'s' if r['workers'] > 1 else ''}"
