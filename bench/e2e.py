@@ -125,6 +125,13 @@ def backlog_tail(n: int) -> int:
     return max(10_000, n // 5)
 
 
+def backlog(n: int, tail: int | None = None) -> list[Any]:
+    """The benches' backlog: ``n`` clicks to time, then ``tail`` more (default ``backlog_tail(n)``)."""
+    from stream.synth import traffic
+
+    return traffic(n + (backlog_tail(n) if tail is None else tail), seed=7)
+
+
 def keyed(clicks: list[Any]) -> list[tuple[bytes, bytes]]:
     """(user key, wire bytes) pairs, as producers send clicks."""
     return [(c.user_key.encode(), c.to_json()) for c in clicks]
@@ -287,13 +294,11 @@ def run(n: int = 100_000, timeout_s: float = 300.0, peer: bool = True, tail: int
     from slidr.services import create_topics_async
     from slidr.topics import TopicSpec
     from stream import toymodel
-    from stream.synth import traffic
 
     with bench_topics("e2e") as (s, t, tmp):
         asyncio.run(create_topics_async(s, [TopicSpec(f"{s.topic_prefix}.passthrough", s.partitions, "")]))
         tail = backlog_tail(n) if tail is None else int(tail)
-        clicks = traffic(n + tail, seed=7)  # n timed, then the tail (the backlog goes on)
-        asyncio.run(produce(s, t.clicks, keyed(clicks)))
+        asyncio.run(produce(s, t.clicks, keyed(backlog(n, tail))))
         ceiling_s = asyncio.run(passthrough(s, t.clicks, f"{s.topic_prefix}.passthrough", n))
         bare = faust_bare(s, t.clicks, n, timeout_s, tmp=tmp)
         stock = faust_bare(s, t.clicks, n, timeout_s, stock=True, tmp=tmp)
@@ -354,10 +359,8 @@ def quix_version() -> str:
 def max_throughput(max_n: int, timeout_s: float) -> dict[str, Any]:
     """bench/e2e.py's worker measurement: a backlog of ``max_n`` clicks (and its tail), a fresh worker, decided
     / span once ``max_n`` are decided."""
-    from stream.synth import traffic
-
     with bench_topics("soakmax") as (s, t, tmp):
-        asyncio.run(produce(s, t.clicks, keyed(traffic(max_n + backlog_tail(max_n), seed=7))))
+        asyncio.run(produce(s, t.clicks, keyed(backlog(max_n))))
         with running_worker(s, tmp):
             msgs = asyncio.run(consume_count(s, t.decisions, max_n, timeout_s))
     decided = len({m.key for m in msgs})

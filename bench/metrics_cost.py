@@ -1,7 +1,7 @@
 """The worker's throughput with Prometheus metrics on vs off, on the same backlog of clicks.
 
 Runs alternate (off, on, off, on, ...: ``rounds`` of each), each a fresh worker over its own topics holding the
-same ``n`` clicks and the tail that follows them (``bench.e2e.backlog_tail``); a run's rate is distinct clicks
+same ``n`` clicks and the tail that follows them (``bench.e2e.backlog``); a run's rate is distinct clicks
 decided over the first-to-last decision span once ``n`` are decided, as ``bench/e2e.py`` measures it. The cost is
 1 - median(on) / median(off). ``slidr bench metrics_cost``.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.e2e import backlog_tail, bench_topics, consume_count, free_port, keyed, produce, running_worker
+from bench.e2e import backlog, bench_topics, consume_count, free_port, keyed, produce, running_worker
 
 
 def _once(clicks: list[Any], n: int, metrics: bool, timeout_s: float) -> float:
@@ -35,9 +35,7 @@ def _once(clicks: list[Any], n: int, metrics: bool, timeout_s: float) -> float:
 
 
 def run(n: int = 60_000, rounds: int = 3, timeout_s: float = 300.0, **opts: Any) -> dict[str, Any]:
-    from stream.synth import traffic
-
-    clicks = traffic(n + backlog_tail(n), seed=7)  # n timed, then the tail
+    clicks = backlog(n)  # n timed, then the tail
     off: list[float] = []
     on: list[float] = []
     for _ in range(rounds):

@@ -7,7 +7,7 @@ until each one's health verdict passes (``stream/health.py``: broker, assigned p
 rebalance falls inside the measurement; then the clicks are produced at full speed and the rate is the decided
 clicks over the span from the first decision to the last (producer timestamps of the decisions) once ``n`` are
 decided, as ``slidr bench e2e`` measures one worker: the ``n`` clicks are followed by a tail
-(``bench.e2e.backlog_tail``), for a stream that stops holds its last clicks in the IP stage for
+(``bench.e2e.backlog``), for a stream that stops holds its last clicks in the IP stage for
 ``watermark_idle_s``. Workers are processes here (one per core on a 2-core machine); in a cluster they are
 pods (deploy/k8s), and the partition count bounds how many can share the work.
 The peers are started, warmed up (500 clicks decided) and waited for until their consumer group is stable with
@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.e2e import backlog_tail, bench_topics, consume_count, free_port, keyed, produce, stop_worker, worker_env
+from bench.e2e import backlog, bench_topics, consume_count, free_port, keyed, produce, stop_worker, worker_env
 
 
 def _start(env: dict[str, str], data_dir: Path, log: Path) -> subprocess.Popen[bytes]:
@@ -142,9 +142,7 @@ async def _received(s: Any, topic: str, want: set[bytes], n: int, timeout_s: flo
 def run(n: int = 100_000, workers: list[int] | None = None, peers: list[int] | None = None,
         timeout_s: float = 600.0) -> dict[str, Any]:
     from bench.peer import quix_missing
-    from stream.synth import traffic
-
-    clicks = traffic(n + backlog_tail(n), seed=7)  # n timed, then the tail
+    clicks = backlog(n)  # n timed, then the tail
     load_before = os.getloadavg()[0]
     runs = [one_run(w, clicks, n, timeout_s) for w in (workers or [1, 2])]
     why = quix_missing()
