@@ -105,15 +105,24 @@ def _wait_decided(kenv: Any, n: int, timeout_s: float, procs: list[Any] = ()) ->
                                     tick))
 
 
-def _check_features(kenv: Any, clicks: list[Click], profiles: dict[str, bytes], rec: dict[str, list[Any]]) -> None:
-    want = reference_features(clicks, asyncio.run(K.read_partitions(kenv.settings, kenv.topics.feature_log)),
-                              profiles)
+def _logged_features(kenv: Any) -> tuple[dict[int, list[Any]], dict[str, np.ndarray]]:
+    """The whole feature log, read once the worker has stopped, and each click's first logged vector. (Not what
+    was read while waiting for the decisions: a batch's feature-log records are sent after its decisions, so
+    the last few can arrive after the wait ended.)"""
+    log = asyncio.run(K.read_partitions(kenv.settings, kenv.topics.feature_log))
     got: dict[str, np.ndarray] = {}
-    for m in rec[kenv.topics.feature_log]:
-        for r in read_feature_log(m.value):
-            assert r["feature_spec_hash"] == F.FEATURE_SPEC_HASH and r["model_version"] == "toy-it"
-            got.setdefault(r["click_id"], np.asarray(r["features"], dtype=np.float32))
-    assert set(got) == set(want)
+    for msgs in log.values():
+        for m in msgs:
+            for r in read_feature_log(m.value):
+                assert r["feature_spec_hash"] == F.FEATURE_SPEC_HASH and r["model_version"] == "toy-it"
+                got.setdefault(r["click_id"], np.asarray(r["features"], dtype=np.float32))
+    return log, got
+
+
+def _check_features(kenv: Any, clicks: list[Click], profiles: dict[str, bytes]) -> None:
+    log, got = _logged_features(kenv)
+    want = reference_features(clicks, log, profiles)
+    assert set(got) == set(want) == {c.click_id for c in clicks}
     bad = [k for k in want if not np.array_equal(got[k], want[k])]
     assert not bad, f"{len(bad)} clicks differ, e.g. {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
 
@@ -137,7 +146,7 @@ def test_every_click_decided_once_and_features_match_offline(kenv: Any) -> None:
     assert dl["source_topic"] == kenv.topics.clicks and dl["error"]
     assert 0 < sum(not d.valid for d in decisions) < N_CLICKS  # the toy model flags the hot bots only
     print(f"{N_CLICKS} clicks decided in {took:.1f} s")
-    _check_features(kenv, clicks, profiles, rec)
+    _check_features(kenv, clicks, profiles)
 
 
 def test_a_partition_lagging_half_an_hour_changes_no_features(kenv: Any) -> None:
@@ -153,18 +162,15 @@ def test_a_partition_lagging_half_an_hour_changes_no_features(kenv: Any) -> None
     w = K.start_worker(s, kenv.workdir / "w0", kenv.workdir / "w0.log")
     try:
         asyncio.run(K.produce(s, kenv.topics.clicks, clicks))
-        rec = asyncio.run(K.read_until(s, [kenv.topics.decisions, kenv.topics.feature_log],
-                                       lambda r: len({m.key for m in r[kenv.topics.decisions]}) >= len(clicks),
-                                       240, lambda: None if w.poll() is None else pytest.fail("worker died")))
+        asyncio.run(K.read_until(s, [kenv.topics.decisions],
+                                 lambda r: len({m.key for m in r[kenv.topics.decisions]}) >= len(clicks),
+                                 240, lambda: None if w.poll() is None else pytest.fail("worker died")))
     finally:
         K.stop(w)
     order = event_time_order(clicks, s.partitions)
     X = F.featurize(order, profiles)
     want = {c.click_id: X[i] for i, c in enumerate(order)}
-    got: dict[str, np.ndarray] = {}
-    for m in rec[kenv.topics.feature_log]:
-        for r in read_feature_log(m.value):
-            got.setdefault(r["click_id"], np.asarray(r["features"], dtype=np.float32))
+    _, got = _logged_features(kenv)
     assert set(got) == set(want)
     bad = [k for k in want if not np.array_equal(got[k], want[k])]
     assert not bad, f"{len(bad)} of {len(want)} clicks differ, e.g. {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
