@@ -101,7 +101,7 @@ def _wait_decided(kenv: Any, n: int, timeout_s: float, procs: list[Any] = ()) ->
         for p in procs:
             assert p.poll() is None, f"worker died with {p.returncode}; see {kenv.workdir}"
 
-    return asyncio.run(K.read_until(kenv.settings, [t.decisions, t.dead_letters, t.feature_log], done, timeout_s,
+    return asyncio.run(K.read_until(kenv.settings, [t.decisions, t.dead_letters], done, timeout_s,
                                     tick))
 
 
