@@ -297,8 +297,9 @@ def run(n: int = 100_000, timeout_s: float = 300.0, peer: bool = True, tail: int
 
     with bench_topics("e2e") as (s, t, tmp):
         asyncio.run(create_topics_async(s, [TopicSpec(f"{s.topic_prefix}.passthrough", s.partitions, "")]))
-        tail = backlog_tail(n) if tail is None else int(tail)
-        asyncio.run(produce(s, t.clicks, keyed(backlog(n, tail))))
+        clicks = backlog(n, None if tail is None else int(tail))
+        tail = len(clicks) - n
+        asyncio.run(produce(s, t.clicks, keyed(clicks)))
         ceiling_s = asyncio.run(passthrough(s, t.clicks, f"{s.topic_prefix}.passthrough", n))
         bare = faust_bare(s, t.clicks, n, timeout_s, tmp=tmp)
         stock = faust_bare(s, t.clicks, n, timeout_s, stock=True, tmp=tmp)
