@@ -1,18 +1,24 @@
 """Weak labels and the time-based split (pure numpy).
 
 SLIDR's weak supervision: a click is human (label 0) when it led to a purchase or its customer's RFM score is
-high; everything else is "non-human" (label 1). The model's target is P(label = 1) = P(robot).
+high; everything else is "non-human" (label 1). The model's target is P(label = 1) = P(robot). Beside SLIDR's rule,
+a purchase also vouches for the clicks of its own session around it (:func:`purchase_sessions`).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
+if TYPE_CHECKING:
+    from models.config import TrainConfig
+
 DAY_MS = 86_400_000
+HOUR_MS = 3_600_000
 TRAIN, VAL, TEST = 0, 1, 2
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -46,18 +52,72 @@ def _high_rfm(rfm: npt.NDArray[np.float64], rfm_threshold: float,
 
 def training_labels(purchased: npt.NDArray[np.bool_], rfm: npt.NDArray[np.float64], rfm_threshold: float,
                     robotic: npt.NDArray[np.bool_] | None, consistent: npt.NDArray[np.bool_] | None,
-                    first_session: npt.NDArray[np.bool_] | None, needs_history: bool
+                    first_session: npt.NDArray[np.bool_] | None, needs_history: bool,
+                    purchase_session: npt.NDArray[np.bool_] | None = None
                     ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.bool_] | None]:
     """The weak labels a trainer uses and the rows that weigh nothing (``TrainingData.unverified``): with the
     account-history check (``needs_history``, ``TrainConfig.rfm_needs_history``: ``consistent`` and
-    ``first_session`` required) or SLIDR's rule (no such rows)."""
+    ``first_session`` required) or SLIDR's rule (no such rows).
+
+    ``purchase_session`` (optional, :func:`purchase_sessions`): clicks a purchase in their own session vouches for;
+    they are human too (and weigh as such), except those in the robotic set (``robotic``), where only a click's own
+    purchase makes it human."""
     if not needs_history:
-        return weak_labels(purchased, rfm, rfm_threshold, robotic), None
-    if consistent is None or first_session is None:
+        label, unverified = weak_labels(purchased, rfm, rfm_threshold, robotic), None
+    elif consistent is None or first_session is None:
         raise ValueError("rfm_needs_history labels need each click's account-history check (session, user agent, "
                          "IP): pass consistent= and first_session=, or set rfm_needs_history=false for SLIDR's rule")
-    return (weak_labels(purchased, rfm, rfm_threshold, robotic, consistent),
-            unverified_rfm(purchased, rfm, rfm_threshold, robotic, first_session))
+    else:
+        label = weak_labels(purchased, rfm, rfm_threshold, robotic, consistent)
+        unverified = unverified_rfm(purchased, rfm, rfm_threshold, robotic, first_session)
+    if purchase_session is not None:
+        vouched = purchase_session & ~robotic if robotic is not None else purchase_session
+        label = np.where(vouched, 0, label).astype(np.int8)
+        if unverified is not None:
+            unverified = unverified & ~vouched
+    return label, unverified
+
+
+def config_labels(cfg: TrainConfig, purchased: npt.NDArray[np.bool_], rfm: npt.NDArray[np.float64],
+                  heavy: npt.NDArray[np.bool_], ts: npt.NDArray[np.int64], user_keys: Sequence[str],
+                  sessions: Sequence[str], consistent: npt.NDArray[np.bool_] | None
+                  ) -> tuple[npt.NDArray[np.int8], npt.NDArray[np.bool_] | None]:
+    """:func:`training_labels` under a trainer's config, from the clicks (arrival order): the robotic set ``heavy``
+    when ``robotic_overrides_rfm``, the account-history check (``consistent``, :func:`consistent_with_history`;
+    needed when ``rfm_needs_history``) and the purchase sessions within ``purchase_session_h``. The one place both
+    training paths (a dataset folder, ``models.train``; the stream's window, ``models.retrain``) build labels."""
+    return training_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None,
+                           consistent, first_account_sessions(user_keys, sessions), cfg.rfm_needs_history,
+                           purchase_sessions(sessions, ts, purchased, round(cfg.purchase_session_h * HOUR_MS)))
+
+
+def purchase_sessions(sessions: Sequence[str], ts: npt.NDArray[np.int64], purchased: npt.NDArray[np.bool_],
+                      within_ms: int) -> npt.NDArray[np.bool_]:
+    """Per click: is it within ``within_ms`` (before or after) of a click of its own session that led to a purchase
+    (that click included)? All False when ``within_ms`` <= 0 (a purchase then vouches only for its own click).
+
+    A purchase shows that a person was behind the session, not only behind the one click it is attributed to:
+    the clicks that led there are that person's too. SLIDR's rule labels only the purchasing click, so a
+    non-buying human's clicks and a buying human's other clicks are all "non-human", and a model learns "does not
+    buy" instead of "is not human". The window bounds what one purchase can vouch for: a session id that lives for
+    days (a bot's cookie; a bot that bought once) is vouched for only around its purchase. Labels may look ahead
+    (a purchase comes after its clicks anyway), so this is for training and evaluation, not for scoring.
+    """
+    n = len(sessions)
+    out = np.zeros(n, dtype=bool)
+    if within_ms <= 0 or not purchased.any():
+        return out
+    buys: dict[str, list[int]] = {}
+    for i in np.flatnonzero(purchased).tolist():
+        buys.setdefault(sessions[i], []).append(int(ts[i]))
+    for v in buys.values():
+        v.sort()
+    for i, (s, t) in enumerate(zip(sessions, np.asarray(ts).tolist(), strict=True)):
+        b = buys.get(s)
+        if b is not None:
+            j = bisect_left(b, t - within_ms)
+            out[i] = j < len(b) and b[j] <= t + within_ms
+    return out
 
 
 def consistent_with_history(user_keys: Sequence[str], sessions: Sequence[str], user_agents: Sequence[str],
@@ -171,7 +231,6 @@ def label_audit(label: npt.NDArray[np.int8], is_bot: npt.NDArray[np.bool_],
 
 
 # ---- label maturity: a click's weak label is final only once its attribution window has closed ------------------
-HOUR_MS = 3_600_000
 
 
 def purchase_delays(click_ts: npt.NDArray[np.int64], click_ids: list[str], purchase_click_ids: list[str],

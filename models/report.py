@@ -194,13 +194,16 @@ def _plot_bars(path: Path, title: str, groups: dict[str, dict[str, float]], ylab
 
 
 def label_rules(td: TrainingData, cfg: TrainConfig) -> dict[str, np.ndarray]:
-    """The weak labels under each rule: SLIDR's (purchase or high RFM outside the robotic set, the baseline) and
-    with the account-history check (a high RFM counts only on a click like the account's earlier sessions)."""
+    """The weak labels under each rule: SLIDR's (purchase or high RFM outside the robotic set, the baseline), with
+    the account-history check (a high RFM counts only on a click like the account's earlier sessions), and the
+    labels the model was trained on (``as_trained``: the config's rule, with the purchase sessions when
+    ``purchase_session_h`` > 0)."""
     if td.rfm is None or td.rfm_consistent is None:
         return {}
     robotic = td.heavy if cfg.robotic_overrides_rfm else None
     return {"slidr": weak_labels(td.purchased, td.rfm, cfg.rfm_threshold, robotic),
-            "rfm_needs_history": weak_labels(td.purchased, td.rfm, cfg.rfm_threshold, robotic, td.rfm_consistent)}
+            "rfm_needs_history": weak_labels(td.purchased, td.rfm, cfg.rfm_threshold, robotic, td.rfm_consistent),
+            "as_trained": td.label}
 
 
 def label_audit_section(td: TrainingData, cfg: TrainConfig | None = None
@@ -237,7 +240,10 @@ def label_audit_section(td: TrainingData, cfg: TrainConfig | None = None
         md += ["Labelling rules on the training split (this model was trained with "
                f"{'rfm_needs_history' if cfg is not None and cfg.rfm_needs_history else 'slidr'}): `slidr` = SLIDR's "
                "rule (the baseline); `rfm_needs_history` = a high RFM score counts only on a click whose user agent or "
-               "IP /24 its account used in an earlier session (`models.labels.consistent_with_history`).", "",
+               "IP /24 its account used in an earlier session (`models.labels.consistent_with_history`); "
+               "`as trained` = the labels this model was trained on: its config's rule, and a purchase also making "
+               f"its session's clicks within {cfg.purchase_session_h if cfg is not None else 0:g} h of it human "
+               "(`models.labels.purchase_sessions`; 0 = off).", "",
                _table(["archetype"] + [f"called human ({n})" for n in by_rule], rrows), ""]
         audits = audits | {"rules_train": by_rule}
     return md, audits

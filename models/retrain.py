@@ -35,7 +35,7 @@ import orjson
 from models import guardrails, registry
 from models.config import TrainConfig
 from models.guardrails import Check, GuardrailError, Report
-from models.labels import TEST, TRAIN, VAL, consistent_with_history, first_account_sessions, time_split, training_labels
+from models.labels import TEST, TRAIN, VAL, config_labels, consistent_with_history, time_split
 from models.metrics import robotic_mask
 from models.train import TrainingData
 from models.weights import local_hour_dow
@@ -88,16 +88,15 @@ class Source:
 
 def training_data(x: npt.NDArray[np.float32], ts: npt.NDArray[np.int64], purchased: npt.NDArray[np.bool_],
                   rfm: npt.NDArray[np.float64], user_keys: list[str], slices: list[str], logged_in: list[bool],
-                  tz: npt.NDArray[np.int64], cfg: TrainConfig, meta: dict[str, Any],
-                  consistent: npt.NDArray[np.bool_] | None = None,
-                  first_session: npt.NDArray[np.bool_] | None = None) -> TrainingData:
+                  tz: npt.NDArray[np.int64], cfg: TrainConfig, meta: dict[str, Any], sessions: list[str],
+                  consistent: npt.NDArray[np.bool_] | None = None) -> TrainingData:
     """``models.train.build_training_data`` from row arrays (in arrival order) instead of a dataset folder: the
     same robotic mask, weak labels, unverified rows, local hour, split and split checks. ``rfm`` is NaN for unknown
-    customers; ``consistent`` and ``first_session`` (``models.labels.consistent_with_history`` and
-    ``first_account_sessions`` of the same clicks) are needed when ``cfg.rfm_needs_history``."""
+    customers; ``sessions`` are the clicks' session ids (each account's first session, the purchase sessions), and
+    ``consistent`` (``models.labels.consistent_with_history`` of the same clicks) is needed when
+    ``cfg.rfm_needs_history``."""
     heavy = robotic_mask(user_keys, ts, cfg.coverage_k)
-    label, unverified = training_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None,
-                                        consistent, first_session, cfg.rfm_needs_history)
+    label, unverified = config_labels(cfg, purchased, rfm, heavy, ts, user_keys, sessions, consistent)
     hour, dow = local_hour_dow(ts, tz)
     split = time_split(ts, meta.get("start_ms"), cfg.test_days, cfg.val_days, cfg.val_frac, cfg.test_frac)
     td = TrainingData(x=x, label=label, purchased=purchased, heavy=heavy, slices=np.array(slices, dtype=str),
@@ -271,10 +270,9 @@ def from_stream(s: Settings, cfg: TrainConfig, window_ms: int, end_ms: int | Non
         keys, sessions = [c.user_key for c in cs], [c.session_id for c in cs]
         consistent = consistent_with_history(keys, sessions, [c.user_agent or "" for c in cs],
                                              [ip_range_key(c.ip_key) for c in cs])
-        td = training_data(x, ts, purchased, rfm, [c.user_key for c in cs], slices, [c.logged_in for c in cs],
+        td = training_data(x, ts, purchased, rfm, keys, slices, [c.logged_in for c in cs],
                            np.fromiter((c.tz_offset_min or 0 for c in cs), dtype=np.int64, count=n), cfg,
-                           {"source": "stream", "window": [start, end], "label_outages": []}, consistent,
-                           first_account_sessions(keys, sessions))
+                           {"source": "stream", "window": [start, end], "label_outages": []}, sessions, consistent)
         mature_only(td, buy_ts, [], cfg)
     except GuardrailError as e:
         err = str(e)

@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from models import guardrails
 from models.config import TrainConfig
-from models.labels import TEST, TRAIN, VAL, consistent_with_history, first_account_sessions, time_split, training_labels
+from models.labels import TEST, TRAIN, VAL, config_labels, consistent_with_history, time_split
 from models.metrics import robotic_mask
 from models.weights import cell_weights, local_hour_dow
 
@@ -120,8 +120,7 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
     heavy = robotic_mask(keys, ts, cfg.coverage_k)
     consistent = consistent_with_history(keys, sessions, [c.user_agent or "" for c in clicks],
                                          [ip_range_key(c.ip_key) for c in clicks])
-    label, unverified = training_labels(purchased, rfm, cfg.rfm_threshold, heavy if cfg.robotic_overrides_rfm else None,
-                                        consistent, first_account_sessions(keys, sessions), cfg.rfm_needs_history)
+    label, unverified = config_labels(cfg, purchased, rfm, heavy, ts, keys, sessions, consistent)
     tz = np.fromiter((c.tz_offset_min or 0 for c in clicks), dtype=np.int64, count=n)
     hour, dow = local_hour_dow(ts, tz)
     usable = ~ds.in_label_outage(ts)

@@ -248,3 +248,37 @@ def test_unverified_rows_weigh_nothing_in_training(tmp_path: Path) -> None:
         w = sample_weights(td, m, cfg)
         assert td.unverified[m].any() and (w[td.unverified[m]] == 0).all() and (w[~td.unverified[m]] > 0).all()
     assert load_training_data(tmp_path / "small", cfg.replace(rfm_needs_history=False)).unverified is None
+
+
+def test_a_purchase_vouches_for_its_own_session_within_the_window() -> None:
+    from models.labels import HOUR_MS, purchase_sessions
+
+    sess = ["a", "a", "a", "a", "b", "b", "a"]
+    ts = np.array([0, 30, 90, 200, 50, 60, 100], dtype=np.int64) * 60_000  # minutes
+    purchased = np.array([False, False, True, False, False, False, False])
+    # session a bought at minute 90: its clicks within an hour either side (minutes 30, 90, 100) are vouched for;
+    # minute 0 and minute 200 are too far; session b bought nothing
+    assert purchase_sessions(sess, ts, purchased, HOUR_MS).tolist() == [False, True, True, False, False, False, True]
+    assert purchase_sessions(sess, ts, purchased, 4 * HOUR_MS).tolist() == [True] * 4 + [False, False, True]
+    # off: nothing, not even the purchasing click (its own purchase labels it anyway)
+    assert not purchase_sessions(sess, ts, purchased, 0).any()
+    assert not purchase_sessions(sess, ts, np.zeros(7, dtype=bool), HOUR_MS).any()
+
+
+def test_purchase_sessions_label_human_outside_the_robotic_set_and_clear_unverified() -> None:
+    from models.labels import training_labels
+
+    purchased = np.array([True, False, False, False, False])
+    rfm = np.array([np.nan, np.nan, 0.9, np.nan, np.nan])
+    robotic = np.array([False, False, False, True, False])
+    consistent = np.ones(5, dtype=bool)
+    first = np.array([False, False, True, False, False])
+    vouched = np.array([True, True, True, True, False])
+    label, unverified = training_labels(purchased, rfm, 0.7, robotic, consistent, first, True)
+    assert label.tolist() == [0, 1, 0, 1, 1] and unverified is not None
+    assert unverified.tolist() == [False, False, True, False, False]  # RFM alone in a first session
+    label, unverified = training_labels(purchased, rfm, 0.7, robotic, consistent, first, True, vouched)
+    # the session's clicks are human, its robotic-set click stays robotic, and a vouched click is no longer unverified
+    assert label.tolist() == [0, 0, 0, 1, 1] and unverified is not None and not unverified.any()
+    label, _ = training_labels(purchased, rfm, 0.7, None, None, None, False, vouched)
+    assert label.tolist() == [0, 0, 0, 0, 1]  # SLIDR's rule without a robotic set: every vouched click
