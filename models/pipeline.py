@@ -75,8 +75,9 @@ def load_training_data(data_dir: Path, cfg: TrainConfig) -> TrainingData:
 
 def mask_unlabelled(td: TrainingData, ds: Any, cfg: TrainConfig) -> dict[str, Any]:
     """Leave out of every split the clicks whose weak label is not final (``models.labels.mature_labels``):
-    younger than ``cfg.attribution_window_h`` at the data's end, or with that window overlapping a label outage
-    (declared in meta.json; with ``allow_label_gaps`` also the hours ``guardrails.label_gap_hours`` detects).
+    younger than ``cfg.attribution_window_h`` (+ ``purchase_session_h``) at the data's end, or with that window
+    overlapping a label outage (declared in meta.json; with ``allow_label_gaps`` also the hours
+    ``guardrails.label_gap_hours`` detects).
 
     Narrows ``td.usable`` in place, re-cuts the split on the labelled span (``time_split(labelled=...)``: short
     data would otherwise lose its test split), re-checks the train and val splits, and returns the counts, also
@@ -89,15 +90,17 @@ def mask_unlabelled(td: TrainingData, ds: Any, cfg: TrainConfig) -> dict[str, An
     outages = list(ds.label_outages)
     gaps = guardrails.label_gap_hours(td.ts, td.purchased, ~td.usable) if cfg.allow_label_gaps else []
     outages += [(h, h + HOUR_MS) for h in gaps]
-    window_ms = round(cfg.attribution_window_h * HOUR_MS)
-    young, overlap = mature_labels(td.ts, window_ms, end, outages)
+    # a label also waits for the purchases of its session's clicks up to purchase_session_h later (they vouch for
+    # it: labels.purchase_sessions); an attribution window of 0 declares labels final at once
+    window_h = cfg.attribution_window_h + cfg.purchase_session_h if cfg.attribution_window_h > 0 else 0.0
+    young, overlap = mature_labels(td.ts, round(window_h * HOUR_MS), end, outages)
     before = td.usable.copy()
     td.usable = before & ~young & ~overlap
     td.split = time_split(td.ts, td.meta.get("start_ms"), cfg.test_days, cfg.val_days, cfg.val_frac,
                           cfg.test_frac, labelled=td.usable)
     out = before & ~td.usable
     info: dict[str, Any] = {
-        "window_h": cfg.attribution_window_h, "end_ms": end, "left_out": int(out.sum()),
+        "window_h": window_h, "end_ms": end, "left_out": int(out.sum()),
         "young": int((out & young).sum()), "outage_overlap": int((out & ~young).sum()),
         "in_declared_outage": int((~before).sum()), "detected_gap_hours": [int(h) for h in gaps],
         "left_out_by_split": {n: int((out & (td.split == i)).sum()) for n, i in SPLITS.items()},

@@ -109,8 +109,10 @@ def test_mask_applies_to_every_split_and_is_counted(tmp_path: Path, caplog: pyte
     with caplog.at_level(logging.INFO, logger="models.pipeline"):
         td = load_training_data(d, TrainConfig())
     info = td.meta["label_maturity"]
-    young = td.ts + W > end
-    before = (td.ts < START_MS + b) & (td.ts + W > START_MS + a)
+    w = W + HOUR_MS  # the attribution window and the purchase sessions' hour (TrainConfig.purchase_session_h)
+    assert info["window_h"] == 8.0
+    young = td.ts + w > end
+    before = (td.ts < START_MS + b) & (td.ts + w > START_MS + a)
     assert young.sum() > 1000 and (before & ~((td.ts >= START_MS + a) & (td.ts < START_MS + b))).sum() > 300
     for name, i in SPLITS.items():  # no split holds an unlabelled click
         assert not (td.rows(i) & (young | before)).any(), name
