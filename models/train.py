@@ -20,7 +20,7 @@ from models import guardrails
 from models.config import TrainConfig
 from models.labels import TEST, TRAIN, VAL, config_labels, consistent_with_history, time_split
 from models.metrics import robotic_mask
-from models.weights import cell_weights, local_hour_dow
+from models.weights import label_weights, local_hour_dow
 
 log = logging.getLogger(__name__)
 
@@ -142,9 +142,10 @@ def build_training_data(ds: Any, cfg: TrainConfig, cache_dir: Path | None = None
 
 
 def sample_weights(td: TrainingData, m: npt.NDArray[np.bool_], cfg: TrainConfig) -> npt.NDArray[np.float32]:
-    """Cell-balanced weights for rows ``m`` (all ones when cfg.use_weights is False); 0 for ``td.unverified``
-    rows (a label neither human nor robotic can be trusted)."""
-    w = (cell_weights(td.hour[m], td.dow[m], td.logged_in[m], td.label[m], cfg.weight_clip) if cfg.use_weights
+    """Inverse-propensity weights of the weak labels per slice for rows ``m`` (``models.weights.label_weights``;
+    all ones when cfg.use_weights is False); 0 for ``td.unverified`` rows (a label neither human nor robotic can be
+    trusted)."""
+    w = (label_weights(td.label[m], td.slices[m], cfg.weight_clip) if cfg.use_weights
          else np.ones(int(m.sum()), dtype=np.float32))
     return w if td.unverified is None else (w * ~td.unverified[m]).astype(np.float32)
 

@@ -1,8 +1,17 @@
-"""Sample weights: every (hour of day x day of week x logged-in x label) cell weighs the same.
+"""Sample weights: inverse-propensity weights for weak labels, per slice.
 
-Without them the loss is dominated by busy daytime hours and logged-in traffic; sparse cells (night hours)
-get a model that is barely trained there. Weights have mean 1 and are clipped at ``clip`` times the mean so
-that a cell with a handful of rows cannot dominate.
+A weak human label (a purchase, its session, a verified RFM score) reaches a slice's humans at that slice's own
+rate: logged-in traffic carries most purchases and every RFM score, so logged-out humans are rarely labelled.
+Trained on the labels as they fall, the model learns "looks like the logged-in buyers" and invalidates the
+logged-out humans it was never shown. So a human-labelled click weighs its slice's clicks over its slice's
+human-labelled clicks (the inverse of the labelling rate): the labelled humans stand for each slice as its
+traffic does. Clicks not labelled human all weigh the same. Each label carries half the total weight; mean 1,
+clipped at ``clip`` times the mean so that a slice with a handful of labelled clicks cannot dominate.
+
+Measured (stop 36, one MLP, training seeds 1-5, bot recall at 1% human false-invalidation on the test day):
+the earlier (hour x day-of-week x logged-in x label) cells gave default seed 7 0.787, seed 11 0.879; these
+weights 0.819 and 0.931. Balancing hours hurt (slice x 6 h blocks x label: 0.723 on seed 7), and so did
+balancing the non-human clicks across slices (0.675): the bots are where they are.
 """
 
 from __future__ import annotations
@@ -23,16 +32,23 @@ def local_hour_dow(ts_ms: npt.NDArray[np.int64],
     return hour, dow
 
 
-def cell_weights(hour: npt.NDArray[np.int64], dow: npt.NDArray[np.int64],
-                 logged_in: npt.NDArray[np.bool_], label: npt.NDArray[np.int8],
-                 clip: float = 50.0) -> npt.NDArray[np.float32]:
-    """Weights giving each non-empty cell the same total weight; mean 1, clipped at ``clip`` x mean."""
-    if len(hour) == 0:
+def label_weights(label: npt.NDArray[np.int8], groups: npt.NDArray[np.str_],
+                  clip: float = 20.0) -> npt.NDArray[np.float32]:
+    """Weights for weak labels (0 = human, 1 = not known human) in ``groups`` (the slices): a human-labelled
+    row weighs its group's rows over its group's human-labelled rows, every other row the same; each label
+    present carries half the total weight (all of it when only one is); mean 1, clipped at ``clip`` x mean."""
+    n = len(label)
+    if n == 0:
         return np.zeros(0, dtype=np.float32)
-    cell = ((hour.astype(np.int64) * 7 + dow) * 2 + logged_in.astype(np.int64)) * 2 + label.astype(np.int64)
-    _, inv, counts = np.unique(cell, return_inverse=True, return_counts=True)
-    w = 1.0 / counts[inv.reshape(-1)]
-    w = w / w.mean()
+    human = np.asarray(label) == 0
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    g = g.reshape(-1)
+    rows = np.bincount(g).astype(np.float64)
+    labelled = np.bincount(g, weights=human.astype(np.float64), minlength=len(rows))
+    w = np.where(human, rows[g] / np.maximum(labelled[g], 1.0), 1.0)
+    shares = [m for m in (human, ~human) if m.any()]
+    for m in shares:
+        w[m] *= (n / len(shares)) / w[m].sum()
     for _ in range(5):  # clipping moves the mean: a few rounds settle it
         w = np.minimum(w, clip)
         w = w / w.mean()

