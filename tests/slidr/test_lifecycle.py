@@ -18,9 +18,11 @@ def test_up_status_down_up(tmp_path: Path, services: object) -> None:
         **os.environ,
         "SLIDR_HOME": str(tmp_path / "home"),
         "SLIDR_CACHE_DIR": str(ROOT / ".cache"),  # the jars the session already fetched
-        "SLIDR_KAFKA_BOOTSTRAP": "127.0.0.1:39092",
-        "SLIDR_KAFKA_CONTROLLER_PORT": "39093",
-        "SLIDR_REDIS_URL": "redis://127.0.0.1:36379/0",
+        # ports below Linux's ephemeral range (32768-60999): a client connection's local port can take one inside
+        # it (CI, stop 36: "Socket server failed to bind to 127.0.0.1:39092: Address already in use")
+        "SLIDR_KAFKA_BOOTSTRAP": "127.0.0.1:29092",
+        "SLIDR_KAFKA_CONTROLLER_PORT": "29093",
+        "SLIDR_REDIS_URL": "redis://127.0.0.1:26379/0",
         "SLIDR_KAFKA_HEAP": "-Xmx512m -Xms256m",
     }
 
@@ -34,7 +36,7 @@ def test_up_status_down_up(tmp_path: Path, services: object) -> None:
         assert up.returncode == 0, up.stderr
         assert "5 created" in up.stdout
         st = slidr("status")
-        assert st.returncode == 0 and "127.0.0.1:39092" in st.stdout and "36379" in st.stdout
+        assert st.returncode == 0 and "127.0.0.1:29092" in st.stdout and "26379" in st.stdout
         down = slidr("down")
         assert down.returncode == 0 and "stopped" in down.stderr
         assert slidr("status").returncode == 3
