@@ -33,10 +33,11 @@ def local_hour_dow(ts_ms: npt.NDArray[np.int64],
 
 
 def label_weights(label: npt.NDArray[np.int8], groups: npt.NDArray[np.str_],
-                  clip: float = 20.0) -> npt.NDArray[np.float32]:
+                  clip: float) -> npt.NDArray[np.float32]:
     """Weights for weak labels (0 = human, 1 = not known human) in ``groups`` (the slices): a human-labelled
     row weighs its group's rows over its group's human-labelled rows, every other row the same; each label
-    present carries half the total weight (all of it when only one is); mean 1, clipped at ``clip`` x mean."""
+    present carries half the total weight (all of it when only one is); mean 1, clipped at ``clip`` x mean
+    (``TrainConfig.weight_clip``)."""
     n = len(label)
     if n == 0:
         return np.zeros(0, dtype=np.float32)

@@ -142,9 +142,9 @@ def test_label_weights_undo_each_slices_labelling_rate() -> None:
     assert w[human & (groups == "mobile:out")].min() > 7 * w[human & (groups == "app:in")].max()
     wc = label_weights(label, groups, clip=3.0)
     assert wc.max() <= 3.0 * wc.mean() * 1.01
-    only = label_weights(np.ones(10, dtype=np.int8), np.array(["app:in"] * 10))  # one label present: all of it
+    only = label_weights(np.ones(10, dtype=np.int8), np.array(["app:in"] * 10), clip=10.0)  # one label: all of it
     assert np.allclose(only, 1.0)
-    assert label_weights(np.zeros(0, dtype=np.int8), np.array([], dtype=str)).shape == (0,)
+    assert label_weights(np.zeros(0, dtype=np.int8), np.array([], dtype=str), clip=10.0).shape == (0,)
 
 
 def test_local_hour_uses_tz_offset() -> None:
