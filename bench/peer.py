@@ -52,6 +52,9 @@ Where it differs from the worker (what the engine allows, or what the bench does
   against the offline driver); the IP features can differ where clicks of one IP came through different
   partitions out of event-time order (against the offline driver's global order, 57% of the rows of
   ``synth.traffic(5000)`` differ there: the IP click counts by 1.6 on average, up to 50 for a bot's IP);
+- no user agent x ad counters (``features.update_combo``): the worker keeps them in its IP table under their own
+  keys, but a Quix state belongs to the message key (the IP), so the peer would need one more ``group_by``. Its
+  rows carry zeros there: the peer does a state read and write less per click than the worker;
 - no by-user hop: a click whose message key is not its user key is dead-lettered (the worker repartitions it
   by user first; every click of the bench is keyed by its user key, so the worker does not hop either);
 - dead letters and the feature log go to the peer's own topics; a Quix branch copies the scored value once
@@ -292,10 +295,11 @@ def build(s: Settings, topic: str, n: int, state_dir: str, feature_log: bool = T
         return None if ipf is None else (c, v["u"], ipf)
 
     no_profiles: dict[str, bytes] = {}
+    no_combo = [0.0] * F.N_COMBO  # (see the module doc)
 
     def score(v: tuple[Any, list[float], list[float]]) -> tuple[dict[str, Any], bytes | None]:
         c, uf, ipf = v
-        row = F.assemble(c, uf, ipf, F.lookup_profile(c, no_profiles.get))
+        row = F.assemble(c, uf, ipf, no_combo, F.lookup_profile(c, no_profiles.get))
         x = np.asarray([row], dtype=np.float32)
         scores = score_batch(model, x)
         (d,) = decision_dicts(model, [c], scores, decided_at=int(time.time() * 1000), features=x)

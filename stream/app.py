@@ -54,6 +54,7 @@ from faust.types import TP
 from slidr.settings import Settings
 from slidr.topics import Topics, TopicSpec, changelog_topic, topic_specs
 from stream import diagnose, faust_fixes, metrics
+from stream import features as F
 from stream.health import CHECK_EVERY_S, Health, Watchdog
 from stream.scoring import Model, active_model_dir, load_model
 from stream.stages import (  # noqa: F401  (re-exported: tests and tools read records with these)
@@ -118,6 +119,12 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     """Build the detector app for these settings (topics, group id, state folder all come from ``s``): declare
     the topics and tables, build the two stages (``stream/stages.py``) and bind an agent to each. ``wiring``:
     the topics (default: the live worker's)."""
+    if F.COMBO_SHARDS % s.partitions:
+        raise ValueError(f"partitions={s.partitions}: the IP stage keeps the user agent x ad counters of "
+                         f"{F.COMBO_SHARDS} shards of IPs (stream.features.update_combo), so the partition count "
+                         f"must divide {F.COMBO_SHARDS} (one of "
+                         f"{[d for d in range(1, F.COMBO_SHARDS + 1) if F.COMBO_SHARDS % d == 0]}) for each shard "
+                         "to have one owner")
     follow_registry = model is None and model_dir is None  # hot swap: follow the registry's ACTIVE pointer
     if model is None:
         model = load_model(model_dir or active_model_dir(s.registry_path), s.onnx_providers)

@@ -39,7 +39,7 @@ import numpy as np
 import orjson
 
 # --- the spec ---------------------------------------------------------------------------------------------
-FEATURE_VERSION = 4
+FEATURE_VERSION = 5
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -49,6 +49,8 @@ TTL_MS = DAY_MS  # state older than this (event time) is dropped
 EXPIRY_GRACE_MS = HOUR_MS  # online key deletion waits this much longer (late clicks within it stay exact)
 GAP_CAP_S = 86_400.0  # seconds since the previous click, capped; also the value for a key's first click
 GAP_EWMA_ALPHA = 0.2  # EWMA weight of the newest log gap
+COMBO_BUCKET_MS = 5 * MINUTE_MS  # the combinations' 1 h window in 5-minute buckets (12 objects a state, not 60)
+COMBO_SHARDS = 12  # user agent x ad counters are kept per shard of IPs (crc32(ip_key) % 12): see update_combo
 DISTINCT_CAP = 256  # most recent distinct keys remembered per set (users, sessions, ads, ...; exact below the cap)
 PLATFORMS = ("desktop", "mobile", "app")
 # hashed categories (issue 18, item 3): a click's user agent family and placement as bucket ids, which the learned
@@ -65,6 +67,8 @@ FEATURE_NAMES: tuple[str, ...] = (
     # per IP
     "ip_clicks_1h", "ip_clicks_24h", "ip_users_1h", "ip_users_24h", "ip_sessions_1h", "ip_sessions_24h",
     "ip_ads_1h", "ip_ads_24h", "ip_ad_gap_s", "ip_uas_24h",
+    # per user agent x ad, within the click's shard of IPs (update_combo)
+    "ua_ad_clicks_1h", "ua_ad_clicks_24h", "ua_ad_burst", "ua_ad_new_users", "ua_ad_new_ips", "ua_ad_gap_s",
     # time of day / week on the unit circle (local time when tz_offset_min is known, else UTC)
     "hour_sin", "hour_cos", "dow_sin", "dow_cos",
     # click
@@ -91,6 +95,8 @@ FEATURE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("ip_sessions", ("ip_sessions_1h", "ip_sessions_24h")),
     ("ip_ads", ("ip_ads_1h", "ip_ads_24h", "ip_ad_gap_s")),
     ("ip_agents", ("ip_uas_24h",)),
+    ("ua_ad_volume", ("ua_ad_clicks_1h", "ua_ad_clicks_24h", "ua_ad_burst", "ua_ad_gap_s")),
+    ("ua_ad_newcomers", ("ua_ad_new_users", "ua_ad_new_ips")),
     ("time_of_day", ("hour_sin", "hour_cos", "dow_sin", "dow_cos")),
     ("slice", ("logged_in", "platform_desktop", "platform_mobile", "platform_app")),
     ("ua_family", ("ua_family",)),
@@ -101,6 +107,7 @@ FEATURE_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )  # fmt: skip
 N_USER = 10
 N_IP = 10
+N_COMBO = 6
 
 FEATURE_SPEC: dict[str, Any] = {
     "version": FEATURE_VERSION,
@@ -112,7 +119,12 @@ FEATURE_SPEC: dict[str, Any] = {
     "gap_ewma_alpha": GAP_EWMA_ALPHA,
     "distinct_cap": DISTINCT_CAP,
     "entities": "per user key and per IP: distinct ads (1 h, 24 h) and seconds since the same key's previous click "
-                "on the same ad; per IP: distinct user agents (24 h, by crc32)",
+                "on the same ad; per IP: distinct user agents (24 h, by crc32); per (user agent crc32, ad) within a "
+                "shard of IPs (crc32(ip_key) % combo_shards): clicks 1 h / 24 h and their burst ratio, shares of "
+                "its 1 h clicks from users and IPs on their first click in 24 h, seconds since its previous "
+                "click",
+    "combo_shards": COMBO_SHARDS,
+    "combo_bucket_ms": COMBO_BUCKET_MS,
     "platforms": list(PLATFORMS),
     "categories": {"buckets": dict(CATEGORIES), "hash": "crc32(utf-8) % (n - 1) + 1, 0 for an empty value",
                    "ua_family": "lowercased, each dotted version cut to its first number (Chrome/131.0.0.0 -> "
@@ -350,6 +362,89 @@ def ip_features(state: State, click: ClickLike) -> list[float]:
             float(a1), float(a24), float(state["ag"]), float(ua24)]
 
 
+# --- per user agent x ad, within a shard of IPs -----------------------------------------------------------
+def combo_shard(ip_key: str) -> int:
+    """The click's shard of IPs: crc32 of its IP key modulo ``COMBO_SHARDS``. The IP stage's partitions are
+    crc32(ip_key) % partitions (``stream.stages.ip_partition``), so with a partition count dividing
+    ``COMBO_SHARDS`` every shard is kept by exactly one by-ip partition, in event-time order."""
+    return zlib.crc32(ip_key.encode()) % COMBO_SHARDS
+
+
+def combo_key(click: ClickLike) -> str:
+    """The key of a click's (shard of IPs, user agent, ad) counters."""
+    return f"{combo_shard(click.ip_key)}|{ua_key(click.user_agent)}|{click.ad_id}"
+
+
+def is_new(user_feats: list[float], ip_feats: list[float]) -> tuple[bool, bool]:
+    """Whether a click is its user key's and its IP's first in 24 h (``update_combo``'s new_user, new_ip)."""
+    return user_feats[3] == 1.0, ip_feats[1] == 1.0
+
+
+def update_combo(state: State | None, click: ClickLike, src: Src = None, new_user: bool = False,
+                 new_ip: bool = False) -> tuple[State, list[float]]:
+    """Apply one click to its (shard of IPs, user agent, ad) state (``combo_key``); return (state, features in
+    FEATURE_NAMES order). ``new_user`` / ``new_ip``: the click is its user key's / IP's first in 24 h (their own
+    24 h counts are 1). A duplicate (``is_duplicate(state, src)``) changes nothing and gets the current features.
+
+    Why a shard of IPs, not the whole combination: a click reaches one by-ip partition, and the combination's
+    clicks from every IP would need a table keyed by it behind one more repartition hop. Within a shard the IP
+    stage counts them exactly, at the cost of seeing 1 / ``COMBO_SHARDS`` of the IPs (a sample of them)."""
+    ts = click.ts
+    if state is None or _fresh(state, ts):
+        state = {"hi": ts, "m": [], "h": [], "g": GAP_CAP_S, "src": {}, "new": True}
+    if not is_duplicate(state, src):
+        _mark(state, src)
+        if state.pop("new", False):
+            state["g"] = GAP_CAP_S
+        else:
+            state["g"] = min(max(ts - state["hi"], 0) / 1000.0, GAP_CAP_S)
+        _bump_counts(state["m"], ts // COMBO_BUCKET_MS, 1 if new_user else 0, 1 if new_ip else 0)
+        _bump(state["h"], ts // HOUR_MS)
+        if ts > state["hi"]:
+            state["hi"] = ts
+    feats = combo_features(state, click)
+    _prune(state["m"], state["hi"] // COMBO_BUCKET_MS - _COMBO_HOUR)
+    _prune(state["h"], state["hi"] // HOUR_MS - 24)
+    return state, feats
+
+
+_COMBO_HOUR = HOUR_MS // COMBO_BUCKET_MS  # buckets in the 1 h window
+
+
+def _bump_counts(buckets: list[list[int]], b: int, new_user: int, new_ip: int) -> None:
+    """``_bump`` for buckets that also count new users and new IPs: ``[bucket, clicks, new users, new IPs]``."""
+    if not buckets or buckets[-1][0] < b:
+        buckets.append([b, 1, new_user, new_ip])
+        return
+    i = len(buckets) - 1 if buckets[-1][0] == b else bisect_left(buckets, b, key=_first)
+    if buckets[i][0] != b:  # late click: its own (older) bucket
+        buckets.insert(i, [b, 1, new_user, new_ip])
+        return
+    x = buckets[i]
+    x[1] += 1
+    x[2] += new_user
+    x[3] += new_ip
+
+
+def combo_features(state: State, click: ClickLike) -> list[float]:
+    """A combination's features at this click, read from its state (which must already hold the click)."""
+    ts = click.ts
+    m = ts // COMBO_BUCKET_MS
+    c60 = nu = ni = 0
+    for x in reversed(state["m"]):  # the last hour: buckets m - 12 < x <= m
+        if x[0] > m:
+            continue
+        if x[0] <= m - _COMBO_HOUR:
+            break
+        c60 += x[1]
+        nu += x[2]
+        ni += x[3]
+    (c24,) = _window_counts(state["h"], ts // HOUR_MS, (24,))
+    per = 1.0 / max(c60, 1)
+    return [float(c60), float(c24), math.log1p(c60) - math.log1p(c24 / 24.0), nu * per, ni * per,
+            float(state["g"])]
+
+
 # --- profiles (the Redis cache's content) -----------------------------------------------------------------
 def customer_key(customer_id: str) -> str:
     return f"cust:{customer_id}"
@@ -441,7 +536,7 @@ def _placement_bucket(placement: str) -> float:
     return bucket(placement.strip().lower(), _BUCKETS["placement"])
 
 
-def assemble(click: ClickLike, user_feats: list[float], ip_feats: list[float],
+def assemble(click: ClickLike, user_feats: list[float], ip_feats: list[float], combo_feats: list[float],
              profile: tuple[float, float, float, float]) -> list[float]:
     """The full raw feature vector (FEATURE_NAMES order) of one click."""
     local_ms = click.ts + (click.tz_offset_min or 0) * MINUTE_MS
@@ -449,7 +544,7 @@ def assemble(click: ClickLike, user_feats: list[float], ip_feats: list[float],
     dow = ((local_ms // DAY_MS) + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
     a = _TAU * day_frac
     b = _TAU * dow / 7.0
-    return [*user_feats, *ip_feats,
+    return [*user_feats, *ip_feats, *combo_feats,
             math.sin(a), math.cos(a), math.sin(b), math.cos(b),
             1.0 if click.logged_in else 0.0, *_PLAT[click.platform],
             _ua_bucket(click.user_agent), _placement_bucket(click.placement),
@@ -461,6 +556,7 @@ def featurize(clicks: Iterable[ClickLike], profiles: Mapping[str, bytes | str]) 
     """Offline driver: features of every click in the given (arrival) order, float32 ``(N, F)``."""
     users: dict[str, State] = {}
     ips: dict[str, State] = {}
+    combos: dict[str, State] = {}
     rows: list[list[float]] = []
     get = profiles.get
     for c in clicks:
@@ -468,7 +564,9 @@ def featurize(clicks: Iterable[ClickLike], profiles: Mapping[str, bytes | str]) 
         users[uk], uf = update_user(users.get(uk), c)
         ik = c.ip_key
         ips[ik], ipf = update_ip(ips.get(ik), c)
-        rows.append(assemble(c, uf, ipf, lookup_profile(c, get)))
+        ck = combo_key(c)
+        combos[ck], xf = update_combo(combos.get(ck), c, None, *is_new(uf, ipf))
+        rows.append(assemble(c, uf, ipf, xf, lookup_profile(c, get)))
     if not rows:
         return np.zeros((0, N_FEATURES), dtype=np.float32)
     return np.asarray(rows, dtype=np.float32)

@@ -1,7 +1,8 @@
 """The worker's two stages as objects: each owns its table writer, its clocks, its publisher and one batch step.
 
 ``UserStage.step(events)``: clicks (and by-user forwards) -> validate, users table, by-ip records.
-``IpStage.step(events)``: by-ip records -> ips table, profiles (one MGET), one ONNX call, decisions + feature log.
+``IpStage.step(events)``: by-ip records -> ips table (IPs, and user agent x ad counters per shard of IPs), profiles
+(one MGET), one ONNX call, decisions + feature log.
 
 Error policy (what happens when something goes wrong inside a batch):
 - a malformed click, a click stamped too far ahead of the worker's clock or too far behind its partition's event
@@ -49,6 +50,7 @@ from stream.scoring import Model, decision_dicts, score_batch
 from stream.state import DUPLICATE_ID, ClickView, Stats, TableWriter, apply
 
 log = logging.getLogger(__name__)
+COMBO_PREFIX = "x|"  # ips table keys of (shard of IPs, user agent, ad) states (an IP key never holds "|")
 FORWARDED = 1 << 16  # by-ip "p" tag of a click that came through by-user: FORWARDED + its by-user partition
 IP_RECORDS_PER_BATCH = 16  # by-ip records scored together at most (each holds one user-stage flush's share)
 IP_BATCH_WITHIN_S = 0.002  # longest the IP stage waits for more records before it scores what it has
@@ -579,7 +581,8 @@ class ProfileCache:
 
 
 class IpStage(Stage):
-    """by-ip records -> ips table -> profiles -> one ONNX call -> decisions + feature log.
+    """by-ip records -> ips table (IP states, user agent x ad states: ``combo``) -> profiles -> one ONNX call ->
+    decisions + feature log.
 
     Per-IP features independent of arrival order (``ip_watermark``): a by-ip partition merges the clicks of every
     input partition of the user stage as they arrive, and a lagging one (a restore, a slow worker, a catch-up)
@@ -782,7 +785,7 @@ class IpStage(Stage):
         M.HELD.set(sum(self.n_held.values()))
 
     async def _decide(self, released: list[tuple[int, _Held]]) -> None:
-        todo: list[tuple[int, F.ClickLike, Any, list[float]]] = []
+        todo: list[tuple[int, F.ClickLike, Any, list[float], list[float]]] = []
         clock = dict(self.clock)
         dead = 0
         for msg, raw, reason in self._bad:
@@ -795,13 +798,15 @@ class IpStage(Stage):
             c = h.c
             try:
                 out = apply(self.writer, q, c.ip_key.encode(), c, (h.tag, h.off), F.update_ip, self.stats)
+                if out is not None:  # a copy (None) has nothing to decide
+                    xf = self.combo(q, c, (h.tag, h.off), h.rec["u"], out)
             except Exception as e:  # (as in the user stage)
                 log.exception("ip stage: a click of by-ip[%d]@%d could not be processed", q, h.msg.offset)
                 self.dead_letter(h.msg, orjson.dumps(h.rec.get("c")), "worker", f"processing failed: {e!r}")
                 dead += 1
                 continue
-            if out is not None:  # a copy (None) has nothing to decide
-                todo.append((q, c, h.rec, out))
+            if out is not None:
+                todo.append((q, c, h.rec, out, xf))
                 counted[q] += 1
             if c.ts > clock.get(q, 0):
                 clock[q] = c.ts
@@ -826,25 +831,37 @@ class IpStage(Stage):
             M.DECISIONS.labels(sl, valid, version).inc(n)
         M.REDIS_UP.set(0 if self.cache.down_since is not None else 1)
 
-    async def score(self, todo: list[tuple[int, F.ClickLike, Any, list[float]]]) -> tuple[int, int]:
+    def combo(self, q: int, c: F.ClickLike, src: tuple[int, int], user_feats: list[float],
+              ip_feats: list[float]) -> list[float]:
+        """The click's (shard of IPs, user agent, ad) features (``features.update_combo``), kept in the ips
+        table under ``COMBO_PREFIX`` + ``combo_key``: in the same partition as the click's IP, so the two states
+        are written in one RocksDB write batch and one changelog batch (a click the IP state holds, its
+        combination's state holds too). A combination state found holding a click its IP state did not (a
+        changelog restored from between the two records of a split batch) gives its current features."""
+        key = (COMBO_PREFIX + F.combo_key(c)).encode()
+        st, xf = F.update_combo(self.writer.get(q, key), c, src, *F.is_new(user_feats, ip_feats))
+        self.writer.put(q, key, st)
+        return xf
+
+    async def score(self, todo: list[tuple[int, F.ClickLike, Any, list[float], list[float]]]) -> tuple[int, int]:
         """Profiles (one Redis MGET), one ONNX call, a decision per click and feature-log records per by-ip
-        partition. ``todo``: (by-ip partition, click, forwarded record, IP features). Returns (decided,
-        decided in degraded mode)."""
+        partition. ``todo``: (by-ip partition, click, forwarded record, IP features, combination features).
+        Returns (decided, decided in degraded mode)."""
         keys: list[str] = []
-        for _, c, _, _ in todo:
+        for _, c, _, _, _ in todo:
             ck, ik = F.profile_keys(c)
             keys.append(self.redis_prefix + (ck or "-"))
             keys.append(self.redis_prefix + ik)
         model = self.model  # one model per batch (a hot swap replaces self.model between batches)
         vals = await self.cache.mget(keys)  # one round trip per batch; None: Redis unreachable (degraded)
         degraded = vals is None
-        cs = [c for _, c, _, _ in todo]
+        cs = [c for _, c, _, _, _ in todo]
         if vals is None:
             self.cache.degraded_batches += 1
-            rows = [F.assemble(c, rec["u"], ipf, F.MISSING_PROFILE) for _, c, rec, ipf in todo]
+            rows = [F.assemble(c, rec["u"], ipf, xf, F.MISSING_PROFILE) for _, c, rec, ipf, xf in todo]
         else:
-            rows = [F.assemble(c, rec["u"], ipf, F.profile_from(vals[2 * j], vals[2 * j + 1]))
-                    for j, (_, c, rec, ipf) in enumerate(todo)]
+            rows = [F.assemble(c, rec["u"], ipf, xf, F.profile_from(vals[2 * j], vals[2 * j + 1]))
+                    for j, (_, c, rec, ipf, xf) in enumerate(todo)]
         faults.hit("ip.score")
         t0 = time.perf_counter()
         x = np.asarray(rows, dtype=np.float32)
@@ -858,7 +875,7 @@ class IpStage(Stage):
             tally[(d["slice"], "true" if d["valid"] else "false", model.version)] += 1
         self._decided = tally
         by_partition: dict[int, list[int]] = {}
-        for j, (p, _, _, _) in enumerate(todo):
+        for j, (p, _, _, _, _) in enumerate(todo):
             by_partition.setdefault(p, []).append(j)
         for p, js in by_partition.items():
             for rec in self._feature_log(model.version, js, cs, rows, decisions, degraded):

@@ -55,6 +55,7 @@ def stream_decisions(model_dir: Path, data: Path, batch: int = 37) -> list[dict]
     profiles = profiles_from_dir(data)
     users: dict[str, F.State] = {}
     ips: dict[str, F.State] = {}
+    combos: dict[str, F.State] = {}
     out: list[dict] = []  # type: ignore[type-arg]
     clicks = load_dataset(data).clicks
     for i in range(0, len(clicks), batch):
@@ -62,7 +63,9 @@ def stream_decisions(model_dir: Path, data: Path, batch: int = 37) -> list[dict]
         for j, c in enumerate(chunk, start=i):
             users[c.user_key], uf = F.update_user(users.get(c.user_key), c, (0, j))
             ips[c.ip], ipf = F.update_ip(ips.get(c.ip), c, (0, j))
-            rows.append(F.assemble(c, uf, ipf, F.lookup_profile(c, profiles.get)))
+            k = F.combo_key(c)
+            combos[k], xf = F.update_combo(combos.get(k), c, (0, j), *F.is_new(uf, ipf))
+            rows.append(F.assemble(c, uf, ipf, xf, F.lookup_profile(c, profiles.get)))
         x = np.asarray(rows, dtype=np.float32)
         out += scoring.decision_dicts(m, chunk, scoring.score_batch(m, x), decided_at=0, features=x)
     return out

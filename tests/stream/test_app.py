@@ -6,6 +6,7 @@ import asyncio
 from pathlib import Path
 
 import orjson
+import pytest
 import rocksdict
 
 from schemas.events import Click
@@ -35,6 +36,18 @@ def test_state_hi_reads_the_front_of_a_state_and_falls_back_to_parsing() -> None
     assert _state_hi(orjson.dumps({"m": [], "hi": 42})) == 42  # another key order: parsed
     ip, _ = F.update_ip(None, click(2, T0 + 77))
     assert _state_hi(orjson.dumps(ip)) == T0 + 77
+    combo, _ = F.update_combo(None, click(3, T0 + 78))  # kept in the ips table too: swept by the same rule
+    assert orjson.dumps(combo).startswith(b'{"hi":') and _state_hi(orjson.dumps(combo)) == T0 + 78
+
+
+def test_a_partition_count_that_splits_a_combination_shard_is_refused(tmp_path: Path) -> None:
+    """The IP stage keeps the user agent x ad counters per shard of IPs (features.update_combo): with a partition
+    count that does not divide COMBO_SHARDS a shard's clicks would be counted by several partitions apart."""
+    from slidr.settings import Settings
+    from stream.app import create_app
+
+    with pytest.raises(ValueError, match="must divide 12"):
+        create_app(Settings(partitions=5, home=tmp_path))
 
 
 def test_ip_partition_is_stable_and_spreads() -> None:

@@ -30,7 +30,7 @@ def _run_user(clicks: list[Click]) -> tuple[F.State, list[list[float]]]:
 
 def test_spec_and_hash_are_stable() -> None:
     assert len(F.FEATURE_NAMES) == F.N_FEATURES == len(set(F.FEATURE_NAMES))
-    assert F.N_USER + F.N_IP + 4 + 4 + len(F.CATEGORIES) + 1 + 4 == F.N_FEATURES
+    assert F.N_USER + F.N_IP + F.N_COMBO + 4 + 4 + len(F.CATEGORIES) + 1 + 4 == F.N_FEATURES
     assert len(F.FEATURE_SPEC_HASH) == 64
     assert F.FEATURE_SPEC["names"] == list(F.FEATURE_NAMES)
 
@@ -52,6 +52,52 @@ def test_user_windows_hand_computed() -> None:
         m += F.GAP_EWMA_ALPHA * d
         v = (1 - F.GAP_EWMA_ALPHA) * (v + F.GAP_EWMA_ALPHA * d * d)
         assert f[5] == m and f[6] == math.sqrt(v)
+
+
+def test_combo_counters_hand_computed() -> None:
+    """User agent x ad counters within a shard of IPs: clicks 1 h / 24 h, burst ratio, new-user and new-IP shares,
+    gap; a redelivered click changes nothing."""
+    t0 = (T0 // F.HOUR_MS) * F.HOUR_MS
+    a, b, c_ = (dict(customer=u, ua="UA/1", ad="ad7") for u in ("kA", "kB", "kC"))
+    steps = [  # (click, ip, new user, new ip)
+        (click(0, t0, ip="10.0.0.1", **a), True, True),
+        (click(1, t0 + 30_000, ip="10.0.0.2", **b), True, True),
+        (click(2, t0 + 2 * MIN, ip="10.0.0.1", **a), False, False),
+        (click(3, t0 + 120 * MIN, ip="10.0.0.1", **c_), True, False),
+    ]
+    st_: F.State | None = None
+    out = []
+    for j, (c, nu, ni) in enumerate(steps):
+        st_, f = F.update_combo(st_, c, (0, j), new_user=nu, new_ip=ni)
+        out.append(f)
+    burst = [math.log1p(c1) - math.log1p(c24 / 24) for c1, c24 in ((1, 1), (2, 2), (3, 3), (1, 4))]
+    assert out == [
+        [1, 1, burst[0], 1.0, 1.0, F.GAP_CAP_S],
+        [2, 2, burst[1], 1.0, 1.0, 30.0],
+        [3, 3, burst[2], 2 / 3, 2 / 3, 90.0],
+        [1, 4, burst[3], 1.0, 0.0, 7080.0],  # the hour before holds only this click (user kC, IP .1: not new)
+    ]
+    assert st_ is not None
+    again, f = F.update_combo(orjson.loads(orjson.dumps(st_)), steps[3][0], (0, 3), new_user=True, new_ip=True)
+    assert again == st_ and f == out[3]  # a copy: counted once, the same features
+    # the flags come from the click's own user and IP counts over 24 h
+    uf, ipf = [0.0] * F.N_USER, [0.0] * F.N_IP
+    uf[F.FEATURE_NAMES.index("u_clicks_24h")], ipf[F.FEATURE_NAMES.index("ip_clicks_24h") - F.N_USER] = 1.0, 2.0
+    assert F.is_new(uf, ipf) == (True, False)
+
+
+def test_combo_shards_each_have_one_by_ip_partition() -> None:
+    """A combination's key names its shard of IPs; with a partition count dividing COMBO_SHARDS every shard's
+    clicks reach one by-ip partition (the IP stage's, ``stages.ip_partition``), so one owner counts them."""
+    from stream.stages import ip_partition
+
+    ips = [f"10.{i % 7}.{i % 3}.{i}" for i in range(200)] + ["2001:db8::/64", "192.0.2.77"]
+    for p in (d for d in range(1, F.COMBO_SHARDS + 1) if F.COMBO_SHARDS % d == 0):
+        for ip in ips:
+            assert ip_partition(ip, p) == F.combo_shard(ip) % p
+    assert {F.combo_shard(ip) for ip in ips} == set(range(F.COMBO_SHARDS))
+    k = F.combo_key(click(0, T0, ip="10.0.0.1", ua="Mozilla/5.0 (X11)", ad="ad9"))
+    assert k == f"{F.combo_shard('10.0.0.1')}|{F.ua_key('Mozilla/5.0 (X11)')}|ad9" and "|" not in "10.0.0.1"
 
 
 def test_24h_window_and_expiry() -> None:
@@ -166,14 +212,14 @@ def test_assemble_time_platform_profile() -> None:
     # 2024-01-01 (epoch day 19723) was a Monday; 06:00 UTC is a quarter of the day
     ts = 19723 * F.DAY_MS + 6 * F.HOUR_MS
     c = click(0, ts, platform="mobile", customer="k1")
-    v = F.assemble(c, [0.0] * F.N_USER, [0.0] * F.N_IP, (0.7, 1.0, 12.0, 0.0))
+    v = F.assemble(c, [0.0] * F.N_USER, [0.0] * F.N_IP, [0.0] * F.N_COMBO, (0.7, 1.0, 12.0, 0.0))
     d = dict(zip(F.FEATURE_NAMES, v, strict=True))
     assert math.isclose(d["hour_sin"], 1.0) and abs(d["hour_cos"]) < 1e-12
     assert d["dow_sin"] == 0.0 and d["dow_cos"] == 1.0
     assert (d["logged_in"], d["platform_desktop"], d["platform_mobile"], d["platform_app"]) == (1, 0, 1, 0)
     assert (d["rfm_score"], d["rfm_known"], d["account_age_days"], d["ip_datacenter"]) == (0.7, 1, 12, 0)
     # local time: UTC-06:00 makes it midnight local
-    v2 = F.assemble(click(0, ts, tz=-360), [0.0] * 7, [0.0] * 6, (-1.0, 0.0, -1.0, 0.0))
+    v2 = F.assemble(click(0, ts, tz=-360), [0.0] * 7, [0.0] * 6, [], (-1.0, 0.0, -1.0, 0.0))
     assert abs(v2[13]) < 1e-12 and math.isclose(v2[14], 1.0)
 
 
@@ -186,7 +232,7 @@ def test_hashed_categories_are_bucket_ids_of_normalised_values() -> None:
 
     def cats(**kw: str) -> tuple[float, float]:
         d = dict(zip(F.FEATURE_NAMES, F.assemble(click(0, T0, **kw), [0.0] * F.N_USER, [0.0] * F.N_IP,
-                                                   F.MISSING_PROFILE), strict=True))
+                                                   [0.0] * F.N_COMBO, F.MISSING_PROFILE), strict=True))
         return d["ua_family"], d["placement"]
 
     assert cats() == (0.0, 0.0)
@@ -200,7 +246,7 @@ def test_price_is_log1p_of_the_click_s_cpc() -> None:
     """cpc_log = log(1 + cpc), read from the click alone: no state, the same for an ad never seen before."""
     def price(cpc: float) -> float:
         d = dict(zip(F.FEATURE_NAMES, F.assemble(click(0, T0).model_copy(update={"cpc": cpc}), [0.0] * F.N_USER,
-                                                   [0.0] * F.N_IP, F.MISSING_PROFILE), strict=True))
+                                                   [0.0] * F.N_IP, [0.0] * F.N_COMBO, F.MISSING_PROFILE), strict=True))
         return d["cpc_log"]
 
     assert price(0.0) == 0.0
@@ -226,15 +272,19 @@ def test_featurize_matches_step_by_step_and_json_roundtrip() -> None:
     # online the state goes through JSON (Faust table values) between every click: same numbers
     users: dict[str, bytes] = {}
     ips: dict[str, bytes] = {}
+    combos: dict[str, bytes] = {}
     rows = []
     empty: dict[str, bytes] = {}
     for c in cs:
+        k = F.combo_key(c)
         su = orjson.loads(users[c.user_key]) if c.user_key in users else None
         si = orjson.loads(ips[c.ip]) if c.ip in ips else None
+        sx = orjson.loads(combos[k]) if k in combos else None
         su, uf = F.update_user(su, c)
         si, ipf = F.update_ip(si, c)
-        users[c.user_key], ips[c.ip] = orjson.dumps(su), orjson.dumps(si)
-        rows.append(F.assemble(c, uf, ipf, F.lookup_profile(c, empty.get)))
+        sx, xf = F.update_combo(sx, c, None, *F.is_new(uf, ipf))
+        users[c.user_key], ips[c.ip], combos[k] = orjson.dumps(su), orjson.dumps(si), orjson.dumps(sx)
+        rows.append(F.assemble(c, uf, ipf, xf, F.lookup_profile(c, empty.get)))
     assert np.array_equal(np.asarray(rows, dtype=np.float32), X)
 
 

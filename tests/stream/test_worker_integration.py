@@ -82,12 +82,16 @@ def reference_features(clicks: list[Click], feature_log: dict[int, list[Any]],
         users[c.user_key], uf[c.click_id] = F.update_user(users.get(c.user_key), c)
     ips: dict[str, Any] = {}
     ipf: dict[str, list[float]] = {}
+    combos: dict[str, Any] = {}
+    xf: dict[str, list[float]] = {}
     for chain in counted_order(feature_log):
         for cid in chain:
             c = by_id[cid]
             ips[c.ip_key], ipf[cid] = F.update_ip(ips.get(c.ip_key), c)
+            k = F.combo_key(c)
+            combos[k], xf[cid] = F.update_combo(combos.get(k), c, None, *F.is_new(uf[cid], ipf[cid]))
     get = profiles.get
-    return {cid: np.asarray(F.assemble(by_id[cid], uf[cid], ipf[cid], F.lookup_profile(by_id[cid], get)),
+    return {cid: np.asarray(F.assemble(by_id[cid], uf[cid], ipf[cid], xf[cid], F.lookup_profile(by_id[cid], get)),
                             dtype=np.float32) for cid in ipf}
 
 
