@@ -375,9 +375,13 @@ def combo_key(click: ClickLike) -> str:
     return f"{combo_shard(click.ip_key)}|{ua_key(click.user_agent)}|{click.ad_id}"
 
 
+_U_CLICKS_24H = FEATURE_NAMES.index("u_clicks_24h")  # in the user features
+_IP_CLICKS_24H = FEATURE_NAMES.index("ip_clicks_24h") - N_USER  # in the IP features
+
+
 def is_new(user_feats: list[float], ip_feats: list[float]) -> tuple[bool, bool]:
     """Whether a click is its user key's and its IP's first in 24 h (``update_combo``'s new_user, new_ip)."""
-    return user_feats[3] == 1.0, ip_feats[1] == 1.0
+    return user_feats[_U_CLICKS_24H] == 1.0, ip_feats[_IP_CLICKS_24H] == 1.0
 
 
 def update_combo(state: State | None, click: ClickLike, src: Src = None, new_user: bool = False,
