@@ -97,7 +97,7 @@ def test_combo_shards_each_have_one_by_ip_partition() -> None:
             assert ip_partition(ip, p) == F.combo_shard(ip) % p
     assert {F.combo_shard(ip) for ip in ips} == set(range(F.COMBO_SHARDS))
     k = F.combo_key(click(0, T0, ip="10.0.0.1", ua="Mozilla/5.0 (X11)", ad="ad9"))
-    assert k == f"{F.combo_shard('10.0.0.1')}|{F.ua_key('Mozilla/5.0 (X11)')}|ad9" and "|" not in "10.0.0.1"
+    assert k == f"{F.combo_shard('10.0.0.1')}|{F.ua_key('Mozilla/5.0 (X11)')}|ad9"
 
 
 def test_24h_window_and_expiry() -> None:
