@@ -174,7 +174,8 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
         (out / EXPLAINER).unlink()  # (a folder trained again as a single network)
     va, te = td.rows(VAL), td.rows(TEST)
     cal = global_calibration(scores[va], td.purchased[va], td.heavy[va], td.slices[va], cfg.fpr_budget,
-                             cfg.coverage_floor, cfg.curve_points, cfg.slice_cap(), cfg.min_slice_purchases)
+                             cfg.coverage_floor, cfg.curve_points, cfg.slice_cap(), cfg.min_slice_purchases,
+                             td.labelled_human()[va])
     write_json(out / CALIBRATION, cal)
     created = datetime.now(UTC)
     version = f"{kind}-{created.strftime('%Y%m%dT%H%M%SZ')}-{sha256_file(out / MODEL)[:8]}"
@@ -239,12 +240,13 @@ def calibrate_dir(model_dir: Path, data_dir: Path, budget: float | None = None, 
     if method == "global":
         cal = global_calibration(s, td.purchased[va], td.heavy[va], td.slices[va], budget,
                                  cfg.coverage_floor, cfg.curve_points,
-                                 None if budget is None else cfg.slice_cap(budget), cfg.min_slice_purchases)
+                                 None if budget is None else cfg.slice_cap(budget), cfg.min_slice_purchases,
+                                 td.labelled_human()[va])
     elif method == "slice":
         b = cfg.fpr_budget if budget is None else budget
         cal = slice_calibration(s, td.purchased[va], td.heavy[va], td.slices[va], b, cfg.coverage_floor,
                                 cfg.fit_span, cfg.min_slice_purchases, cfg.curve_points,
-                                cfg.min_slice_robotic, cfg.slice_cap(b))
+                                cfg.min_slice_robotic, cfg.slice_cap(b), td.labelled_human()[va])
     else:
         raise ValueError(f"unknown calibration method {method!r}: slice | global")
     cal["calibrated_on"] = {"data_dir": str(data_dir), "split": "val", "rows": int(va.sum())}

@@ -398,12 +398,13 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
 
     # --- calibration: global vs slice-level -----------------------------------------------------------------
     args = (s[va], td.purchased[va], td.heavy[va], td.slices[va])
+    labelled = td.labelled_human()[va]
     cal_g = global_calibration(*args, budget, cfg.coverage_floor, cfg.curve_points, cfg.slice_cap(budget),
-                               cfg.min_slice_purchases)
+                               cfg.min_slice_purchases, labelled)
     cal_knee = global_calibration(*args, None, cfg.coverage_floor, cfg.curve_points)
     try:
         cal_s = slice_calibration(*args, budget, cfg.coverage_floor, cfg.fit_span, cfg.min_slice_purchases,
-                                  cfg.curve_points, cfg.min_slice_robotic, cfg.slice_cap(budget))
+                                  cfg.curve_points, cfg.min_slice_robotic, cfg.slice_cap(budget), labelled)
     except ValueError as e:
         cal_s = None
         md += [f"Slice-level calibration failed: {e}", ""]
@@ -424,15 +425,16 @@ def write_report(model_dir: Path, data_dir: Path, out: Path, *, ablation: bool =
     md += ["## Calibration: global vs slice-level", "",
            "Calibrated on the validation day; the test day shows how it carries over."
            + (f" Both at {budget:g} keep every slice with enough purchases at an FPR of at most "
-              f"{cfg.slice_cap(budget):g} (slice_fpr_cap)." if cfg.slice_cap(budget) else ""),
+              f"{cfg.slice_cap(budget):g} (slice_fpr_cap), on its purchasing clicks and on all the clicks the weak "
+              f"labels call human (labelled FPR)." if cfg.slice_cap(budget) else ""),
            "", _table(hdr, cmp_rows), ""]
     if cal_s is not None:
-        srows = [[k, v["threshold"], v["volume_share"], v["purchase_share"], v["ivr"], v["fpr"], v["fpr_floor"],
-                  v["coverage"], "yes" if v["pinned"] else ""]
+        srows = [[k, v["threshold"], v["volume_share"], v["purchase_share"], v["ivr"], v["fpr"],
+                  v.get("labelled_fpr", float("nan")), v["fpr_floor"], v["coverage"], "yes" if v["pinned"] else ""]
                  for k, v in sorted(cal_s["validation"]["slices"].items())]
         md += ["Slice-level thresholds (validation):", "",
-               _table(["slice", "threshold", "clicks", "purchases", "IVR", "FPR", "FPR floor", "coverage",
-                       "pinned"], srows), ""]
+               _table(["slice", "threshold", "clicks", "purchases", "IVR", "FPR", "labelled FPR", "FPR floor",
+                       "coverage", "pinned"], srows), ""]
         _plot_curves(out / "curves.png", td, s, cal_s, cal_g)
         md += ["![IVR-FPR curves per slice](curves.png)", ""]
 

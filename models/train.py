@@ -56,6 +56,11 @@ class TrainingData:
         """Usable rows of one split."""
         return (self.split == split) & self.usable
 
+    def labelled_human(self) -> npt.NDArray[np.bool_]:
+        """Clicks the weak labels call human and training weighs (the calibration's per-slice cap checks them)."""
+        human = self.label == 0
+        return human if self.unverified is None else human & ~self.unverified
+
     def window(self) -> dict[str, Any]:
         """Event-time span of each split (epoch ms, [start, end])."""
         out: dict[str, Any] = {}
