@@ -26,7 +26,7 @@ Given ``labelled`` (the clicks the weak labels call human: purchases, their sess
 ``TrainingData.labelled_human``), the cap also holds on them in every slice with at least ``min_slice_purchases``
 of them: the slice's threshold is at least the lowest whose FPR on its labelled clicks is within the cap. There
 are about 7x as many of them as purchasing clicks, so a slice's false invalidations are measured on more than a
-handful of purchases. Default scenario seed 11, validation day, slice mobile:out (logged-out mobile): 1 of its
+handful of purchases. Default scenario seed 11 (feature version 5), validation day, slice mobile:out: 1 of its
 179 purchasing clicks invalidated (0.56%, within the cap) but 21 of its 1,166 labelled clicks (1.8%), and 3.9%
 of its true humans. The overall budget stays on purchasing clicks (SLIDR's FPR).
 """
