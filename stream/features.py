@@ -39,7 +39,7 @@ import numpy as np
 import orjson
 
 # --- the spec ---------------------------------------------------------------------------------------------
-FEATURE_VERSION = 5
+FEATURE_VERSION = 6
 MINUTE_MS = 60_000
 HOUR_MS = 3_600_000
 DAY_MS = 86_400_000
@@ -50,7 +50,7 @@ EXPIRY_GRACE_MS = HOUR_MS  # online key deletion waits this much longer (late cl
 GAP_CAP_S = 86_400.0  # seconds since the previous click, capped; also the value for a key's first click
 GAP_EWMA_ALPHA = 0.2  # EWMA weight of the newest log gap
 COMBO_BUCKET_MS = 5 * MINUTE_MS  # the combinations' 1 h window in 5-minute buckets (12 objects a state, not 60)
-COMBO_SHARDS = 12  # user agent x ad counters are kept per shard of IPs (crc32(ip_key) % 12): see update_combo
+COMBO_SHARDS = 4  # user agent x ad counters are kept per shard of IPs (crc32(ip_key) % 4): see update_combo
 DISTINCT_CAP = 256  # most recent distinct keys remembered per set (users, sessions, ads, ...; exact below the cap)
 PLATFORMS = ("desktop", "mobile", "app")
 # hashed categories (issue 18, item 3): a click's user agent family and placement as bucket ids, which the learned

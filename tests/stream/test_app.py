@@ -46,8 +46,9 @@ def test_a_partition_count_that_splits_a_combination_shard_is_refused(tmp_path: 
     from slidr.settings import Settings
     from stream.app import create_app
 
-    with pytest.raises(ValueError, match="must divide 12"):
-        create_app(Settings(partitions=5, home=tmp_path))
+    for partitions in (3, 8):  # a divisor of the earlier 12 shards; a multiple of the 4
+        with pytest.raises(ValueError, match=r"must divide 4 \(one of \[1, 2, 4\]\)"):
+            create_app(Settings(partitions=partitions, home=tmp_path))
 
 
 def test_ip_partition_is_stable_and_spreads() -> None:
