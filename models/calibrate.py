@@ -244,10 +244,11 @@ def slice_calibration(scores: npt.ArrayLike, purchased: B, heavy: B, slices: npt
 
 
 def _labelled_rates(flag: B, labelled: B | None) -> dict[str, Any]:
+    """The FPR on the clicks the labels call human, and how many there are (none without ``labelled``)."""
     if labelled is None:
         return {}
-    n = int(labelled.sum())
-    return {"labelled_fpr": float((flag & labelled).sum() / n) if n else float("nan"), "n_labelled": n}
+    r = rates(flag, labelled, np.zeros_like(flag))
+    return {"labelled_fpr": r["fpr"], "n_labelled": r["n_purchased"]}
 
 
 def capped_global(s: npt.NDArray[np.float64], purchased: B, slices: npt.NDArray[np.str_], threshold: float,
