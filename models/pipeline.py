@@ -146,7 +146,7 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
     from models.calibrate import global_calibration
     from models.export import export_onnx, score_onnx
     from models.nets import Ensemble, predict
-    from stream.features import FEATURE_NAMES, FEATURE_SPEC_HASH
+    from stream.features import COMBO_SHARDS, FEATURE_NAMES, FEATURE_SPEC_HASH
 
     cfg = (cfg or TrainConfig()).replace(model=kind)
     td = td or load_training_data(data_dir, cfg)
@@ -180,7 +180,7 @@ def train_to_dir(data_dir: Path, out: Path, kind: str = "mlp", cfg: TrainConfig 
     created = datetime.now(UTC)
     version = f"{kind}-{created.strftime('%Y%m%dT%H%M%SZ')}-{sha256_file(out / MODEL)[:8]}"
     manifest = _refresh_manifest(
-        out, model_version=version, kind=kind, feature_spec_hash=FEATURE_SPEC_HASH,
+        out, model_version=version, kind=kind, feature_spec_hash=FEATURE_SPEC_HASH, combo_shards=COMBO_SHARDS,
         feature_names=list(FEATURE_NAMES), created_at=created.isoformat(), training_window=td.window(),
         data_dir=str(data_dir), config=cfg.to_dict(), export_max_abs_diff=diff,
         reason_reference=reason_reference(td), explainer=explainer,

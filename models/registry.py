@@ -291,8 +291,8 @@ def describe(version: str, settings: Settings | None = None) -> dict[str, Any]:
     if not d.is_dir():
         raise RegistryError(f"{v!r} is not in the registry {_root(settings)}")
     m = orjson.loads((d / MANIFEST).read_bytes()) if (d / MANIFEST).exists() else {}
-    keep = ("model_version", "trained_version", "kind", "feature_spec_hash", "created_at", "training_window",
-            "data_dir", "metrics", "calibration", "sha256", "retrain")
+    keep = ("model_version", "trained_version", "kind", "feature_spec_hash", "combo_shards", "created_at",
+            "training_window", "data_dir", "metrics", "calibration", "sha256", "retrain")
     return {"version": v, "folder": str(d), "states": states(settings).get(v, []),
             "manifest": {k: m[k] for k in keep if k in m},
             "history": [e for e in history(settings) if v in (e.get("from"), e.get("to"))]}

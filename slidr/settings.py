@@ -18,7 +18,22 @@ from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-class Settings(BaseSettings):
+class FeatureSettings(BaseSettings):
+    """The settings that define what the features are, so training, the worker, replay and ``slidr score`` must
+    agree on them: ``stream.features`` reads them once, at import, and the feature spec hash covers them (a model
+    trained with other values is refused: ``stream.scoring.load_model``). Part of ``Settings``, the same fields."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIDR_", env_file=".env", extra="ignore")
+
+    combo_shards: int = Field(4, ge=1, le=1024, description=(
+        "Shards of IPs the IP stage keeps its user agent x ad counters in (crc32(ip key) % combo_shards; "
+        "stream.features.update_combo). The partition count must divide it, so it bounds the workers: 4 allows 1, "
+        "2 or 4 partitions, 12 allows up to 12. Fewer shards detect more bots (each sees more IPs): bot recall at 1% "
+        "human FIR on the large scenario, 4 shards 0.866, 12 shards 0.841 (docs/design.md). A feature setting: set it "
+        "alike for training and for every worker (the deployment's shared config), and retrain to change it."))
+
+
+class Settings(FeatureSettings):
     model_config = SettingsConfigDict(env_prefix="SLIDR_", env_file=".env", extra="ignore")
 
     # --- local state -------------------------------------------------------------------------

@@ -119,12 +119,17 @@ def create_app(s: Settings, *, model: Model | None = None, model_dir: Path | Non
     """Build the detector app for these settings (topics, group id, state folder all come from ``s``): declare
     the topics and tables, build the two stages (``stream/stages.py``) and bind an agent to each. ``wiring``:
     the topics (default: the live worker's)."""
+    if s.combo_shards != F.COMBO_SHARDS:
+        raise ValueError(f"combo_shards={s.combo_shards} in these settings, but this process's features use "
+                         f"{F.COMBO_SHARDS} (SLIDR_COMBO_SHARDS, read once when stream.features is imported): set it "
+                         "in the environment")
     if F.COMBO_SHARDS % s.partitions:
         raise ValueError(f"partitions={s.partitions}: the IP stage keeps the user agent x ad counters of "
                          f"{F.COMBO_SHARDS} shards of IPs (stream.features.update_combo), so the partition count "
                          f"must divide {F.COMBO_SHARDS} (one of "
                          f"{[d for d in range(1, F.COMBO_SHARDS + 1) if F.COMBO_SHARDS % d == 0]}) for each shard "
-                         "to have one owner")
+                         "to have one owner; more partitions need a model trained with more shards "
+                         "(SLIDR_COMBO_SHARDS, a multiple of the partition count, set alike for training and workers)")
     follow_registry = model is None and model_dir is None  # hot swap: follow the registry's ACTIVE pointer
     if model is None:
         model = load_model(model_dir or active_model_dir(s.registry_path), s.onnx_providers)

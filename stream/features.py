@@ -38,6 +38,8 @@ from typing import Any, Protocol
 import numpy as np
 import orjson
 
+from slidr.settings import FeatureSettings
+
 # --- the spec ---------------------------------------------------------------------------------------------
 FEATURE_VERSION = 6
 MINUTE_MS = 60_000
@@ -50,7 +52,9 @@ EXPIRY_GRACE_MS = HOUR_MS  # online key deletion waits this much longer (late cl
 GAP_CAP_S = 86_400.0  # seconds since the previous click, capped; also the value for a key's first click
 GAP_EWMA_ALPHA = 0.2  # EWMA weight of the newest log gap
 COMBO_BUCKET_MS = 5 * MINUTE_MS  # the combinations' 1 h window in 5-minute buckets (12 objects a state, not 60)
-COMBO_SHARDS = 4  # user agent x ad counters are kept per shard of IPs (crc32(ip_key) % 4): see update_combo
+# user agent x ad counters are kept per shard of IPs (crc32(ip_key) % COMBO_SHARDS): see update_combo. A setting
+# (SLIDR_COMBO_SHARDS, default 4), read once here; the spec below holds it, so the spec hash covers it
+COMBO_SHARDS = FeatureSettings().combo_shards
 DISTINCT_CAP = 256  # most recent distinct keys remembered per set (users, sessions, ads, ...; exact below the cap)
 PLATFORMS = ("desktop", "mobile", "app")
 # hashed categories (issue 18, item 3): a click's user agent family and placement as bucket ids, which the learned
@@ -363,16 +367,17 @@ def ip_features(state: State, click: ClickLike) -> list[float]:
 
 
 # --- per user agent x ad, within a shard of IPs -----------------------------------------------------------
-def combo_shard(ip_key: str) -> int:
-    """The click's shard of IPs: crc32 of its IP key modulo ``COMBO_SHARDS``. The IP stage's partitions are
+def combo_shard(ip_key: str, shards: int = COMBO_SHARDS) -> int:
+    """The click's shard of IPs: crc32 of its IP key modulo ``shards`` (this process's ``COMBO_SHARDS``; another
+    count only to compute what a process set up with it computes). The IP stage's partitions are
     crc32(ip_key) % partitions (``stream.stages.ip_partition``), so with a partition count dividing
     ``COMBO_SHARDS`` every shard is kept by exactly one by-ip partition, in event-time order."""
-    return zlib.crc32(ip_key.encode()) % COMBO_SHARDS
+    return zlib.crc32(ip_key.encode()) % shards
 
 
-def combo_key(click: ClickLike) -> str:
-    """The key of a click's (shard of IPs, user agent, ad) counters."""
-    return f"{combo_shard(click.ip_key)}|{ua_key(click.user_agent)}|{click.ad_id}"
+def combo_key(click: ClickLike, shards: int = COMBO_SHARDS) -> str:
+    """The key of a click's (shard of IPs, user agent, ad) counters (``shards``: as ``combo_shard``)."""
+    return f"{combo_shard(click.ip_key, shards)}|{ua_key(click.user_agent)}|{click.ad_id}"
 
 
 _U_CLICKS_24H = FEATURE_NAMES.index("u_clicks_24h")  # in the user features

@@ -19,7 +19,7 @@ import numpy as np
 import orjson
 
 from schemas.events import Decision, slice_of
-from stream.features import FEATURE_GROUPS, FEATURE_NAMES, FEATURE_SPEC_HASH
+from stream.features import COMBO_SHARDS, FEATURE_GROUPS, FEATURE_NAMES, FEATURE_SPEC_HASH
 
 log = logging.getLogger(__name__)
 INPUT_NAME = "features"
@@ -131,6 +131,13 @@ def load_model(folder: Path, providers: str | Sequence[str] = "CPUExecutionProvi
         raise ModelError(f"incomplete model folder {folder}: {e.filename} missing") from None
     spec = manifest.get("feature_spec_hash")
     if spec != FEATURE_SPEC_HASH:
+        shards = manifest.get("combo_shards")
+        if shards is not None and shards != COMBO_SHARDS:  # (a manifest written before the setting names none)
+            raise ModelError(
+                f"model {folder} was trained with combo_shards={shards} but this process has {COMBO_SHARDS} "
+                f"(SLIDR_COMBO_SHARDS): set the deployment's SLIDR_COMBO_SHARDS to {shards}, or retrain with "
+                f"{COMBO_SHARDS}"
+            )
         raise ModelError(
             f"model {folder} was trained on feature spec {spec!r} but this stream computes "
             f"{FEATURE_SPEC_HASH!r} ({len(FEATURE_NAMES)} features): retrain or deploy the matching code"

@@ -14,7 +14,7 @@ import numpy as np
 import orjson
 
 from schemas.events import SLICES
-from stream.features import FEATURE_NAMES, FEATURE_SPEC_HASH
+from stream.features import COMBO_SHARDS, FEATURE_NAMES, FEATURE_SPEC_HASH
 
 # weights on standardised raw features: fast, regular clickers on crowded IPs look robotic
 _WEIGHTS = {"u_clicks_1m": 1.2, "u_clicks_5m": 0.8, "u_lgap_std": -0.6, "ip_users_1h": 0.5,
@@ -26,8 +26,8 @@ _REFERENCE = {"u_clicks_1m": 1.0, "u_clicks_5m": 1.0, "u_lgap_std": 1.0, "ip_use
 
 
 def build(folder: Path, *, version: str = "toy-1", threshold: float = 0.7, bias: float = -2.0,
-          feature_spec_hash: str = FEATURE_SPEC_HASH, batch_dim: str = "N", reference: bool = True,
-          slice_references: dict[str, dict[str, float]] | None = None) -> Path:
+          feature_spec_hash: str = FEATURE_SPEC_HASH, combo_shards: int = COMBO_SHARDS, batch_dim: str = "N",
+          reference: bool = True, slice_references: dict[str, dict[str, float]] | None = None) -> Path:
     """Write model.onnx + calibration.json + manifest.json into ``folder``; return the folder. ``reference``:
     give the manifest a ``reason_reference`` (reason codes); ``slice_references``: per slice, the features whose
     reference differs from the overall one there."""
@@ -67,8 +67,9 @@ def build(folder: Path, *, version: str = "toy-1", threshold: float = 0.7, bias:
     cal_raw = orjson.dumps(calib)
     (folder / "calibration.json").write_bytes(cal_raw)
     manifest = {"model_version": version, "kind": "toy-logistic", "feature_spec_hash": feature_spec_hash,
-                "feature_names": list(FEATURE_NAMES), "created_at": int(time.time() * 1000),
-                "training_window": None, "metrics": {}, "config": {"weights": _WEIGHTS},
+                "combo_shards": combo_shards, "feature_names": list(FEATURE_NAMES),
+                "created_at": int(time.time() * 1000), "training_window": None, "metrics": {},
+                "config": {"weights": _WEIGHTS},
                 "sha256": {"model.onnx": hashlib.sha256(raw).hexdigest(),
                            "calibration.json": hashlib.sha256(cal_raw).hexdigest()}}
     if reference:

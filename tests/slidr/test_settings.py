@@ -21,6 +21,18 @@ def test_invalid_setting_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings()
 
 
+def test_combo_shards_is_a_setting_shared_with_the_feature_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    from slidr.settings import FeatureSettings
+
+    monkeypatch.delenv("SLIDR_COMBO_SHARDS", raising=False)
+    assert Settings().combo_shards == FeatureSettings().combo_shards == 4
+    monkeypatch.setenv("SLIDR_COMBO_SHARDS", "12")
+    assert Settings().combo_shards == FeatureSettings().combo_shards == 12
+    monkeypatch.setenv("SLIDR_COMBO_SHARDS", "0")
+    with pytest.raises(ValueError, match="combo_shards"):
+        FeatureSettings()
+
+
 def test_sasl_ssl_client_kwargs(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLIDR_KAFKA_SECURITY_PROTOCOL", "SASL_SSL")
     monkeypatch.setenv("SLIDR_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512")

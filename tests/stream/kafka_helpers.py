@@ -23,7 +23,7 @@ def worker_env(s: Settings) -> dict[str, str]:
         "SLIDR_REGISTRY_PATH": str(s.registry_path), "SLIDR_WORKER_WEB_PORT": "0",
         "SLIDR_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "SLIDR_REDIS_URL": s.redis_url,
         "SLIDR_SCORE_BATCH_SIZE": str(s.score_batch_size), "SLIDR_SCORE_BATCH_WITHIN_S": str(s.score_batch_within_s),
-        "SLIDR_SWEEP_KEYS_PER_CLICK": str(s.sweep_keys_per_click),
+        "SLIDR_SWEEP_KEYS_PER_CLICK": str(s.sweep_keys_per_click), "SLIDR_COMBO_SHARDS": str(s.combo_shards),
     })
     return env
 

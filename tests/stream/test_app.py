@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import orjson
@@ -49,6 +52,28 @@ def test_a_partition_count_that_splits_a_combination_shard_is_refused(tmp_path: 
     for partitions in (3, 8):  # a divisor of the earlier 12 shards; a multiple of the 4
         with pytest.raises(ValueError, match=r"must divide 4 \(one of \[1, 2, 4\]\)"):
             create_app(Settings(partitions=partitions, home=tmp_path))
+    with pytest.raises(ValueError, match=r"combo_shards=12 in these settings, but this process's features use 4"):
+        create_app(Settings(home=tmp_path, combo_shards=12))  # (the features read the environment's, once)
+
+
+def test_a_model_trained_with_12_shards_lets_the_worker_run_3_partitions(tmp_path: Path) -> None:
+    """SLIDR_COMBO_SHARDS=12 (a process set up with it, and a model trained with it): 3 partitions, refused with
+    4 shards, now build the app; 8 still split a shard."""
+    code = f"""
+import pytest
+from pathlib import Path
+from slidr.settings import Settings
+from stream import toymodel
+from stream.app import create_app
+d = toymodel.build(Path({str(tmp_path)!r}) / "m12")
+create_app(Settings(partitions=3, home=Path({str(tmp_path)!r}) / "h"), model_dir=d)
+with pytest.raises(ValueError, match=r"must divide 12 \\(one of \\[1, 2, 3, 4, 6, 12\\]\\)"):
+    create_app(Settings(partitions=8, home=Path({str(tmp_path)!r}) / "h"), model_dir=d)
+print("ok")
+"""
+    env = {**os.environ, "SLIDR_COMBO_SHARDS": "12"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.splitlines()[-1] == b"ok", out.stderr.decode()[-3000:]
 
 
 def test_ip_partition_is_stable_and_spreads() -> None:

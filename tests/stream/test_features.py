@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import subprocess
+import sys
+from typing import Any
 
 import numpy as np
 import orjson
@@ -84,6 +88,30 @@ def test_combo_counters_hand_computed() -> None:
     uf, ipf = [0.0] * F.N_USER, [0.0] * F.N_IP
     uf[F.FEATURE_NAMES.index("u_clicks_24h")], ipf[F.FEATURE_NAMES.index("ip_clicks_24h") - F.N_USER] = 1.0, 2.0
     assert F.is_new(uf, ipf) == (True, False)
+
+
+def _in_a_process_with(shards: int, code: str) -> Any:
+    """What ``code`` (Python printing one JSON value) prints in a fresh process with SLIDR_COMBO_SHARDS=shards."""
+    env = {**os.environ, "SLIDR_COMBO_SHARDS": str(shards)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True, timeout=120)
+    return orjson.loads(out.stdout.splitlines()[-1])
+
+
+def test_the_shard_count_is_a_setting_that_the_spec_hash_covers() -> None:
+    """SLIDR_COMBO_SHARDS sets the shard count where the features are defined, once per process: 12 shards give
+    another feature spec hash (a model trained with 4 is refused) and keys with 12 shards, which every divisor of
+    12 keeps in one by-ip partition; the default gives this process's spec exactly."""
+    from stream.stages import ip_partition
+
+    ips = [f"10.{i % 7}.{i % 3}.{i}" for i in range(200)] + ["2001:db8::/64", "192.0.2.77"]
+    code = ("import orjson; from stream import features as F; print(orjson.dumps([F.COMBO_SHARDS, "
+            f"F.FEATURE_SPEC_HASH, F.FEATURE_SPEC['combo_shards'], [F.combo_shard(ip) for ip in {ips!r}]]).decode())")
+    n, spec, in_spec, shards = _in_a_process_with(12, code)
+    assert (n, in_spec) == (12, 12) and spec != F.FEATURE_SPEC_HASH
+    assert shards == [F.combo_shard(ip, 12) for ip in ips] and set(shards) == set(range(12))
+    for p in (1, 2, 3, 4, 6, 12):
+        assert all(ip_partition(ip, p) == sh % p for ip, sh in zip(ips, shards, strict=True))
+    assert _in_a_process_with(F.COMBO_SHARDS, code)[1] == F.FEATURE_SPEC_HASH
 
 
 def test_combo_shards_each_have_one_by_ip_partition() -> None:

@@ -41,6 +41,18 @@ def test_refuses_feature_spec_mismatch(tmp_path: Path) -> None:
         scoring.load_model(d)
 
 
+def test_a_model_trained_with_another_shard_count_is_refused_by_name(tmp_path: Path) -> None:
+    """A worker set up with other SLIDR_COMBO_SHARDS than the model's training computes other features: the error
+    names both counts and the setting."""
+    other = F.COMBO_SHARDS * 3
+    d = toymodel.build(tmp_path / "other", feature_spec_hash="1" * 64, combo_shards=other)
+    with pytest.raises(scoring.ModelError, match=rf"combo_shards={other} but this process has {F.COMBO_SHARDS} "
+                                                 r"\(SLIDR_COMBO_SHARDS\)"):
+        scoring.load_model(d)
+    assert orjson.loads((toymodel.build(tmp_path / "same") / "manifest.json").read_bytes())["combo_shards"] == \
+        F.COMBO_SHARDS
+
+
 def test_refuses_tampered_model(model_dir: Path) -> None:
     man = orjson.loads((model_dir / "manifest.json").read_bytes())
     man["sha256"]["model.onnx"] = "f" * 64

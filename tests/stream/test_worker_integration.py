@@ -69,12 +69,12 @@ def counted_order(feature_log: dict[int, list[Any]]) -> list[list[str]]:
     return chains
 
 
-def reference_features(clicks: list[Click], feature_log: dict[int, list[Any]],
-                       profiles: dict[str, bytes]) -> dict[str, np.ndarray]:
+def reference_features(clicks: list[Click], feature_log: dict[int, list[Any]], profiles: dict[str, bytes],
+                       shards: int = F.COMBO_SHARDS) -> dict[str, np.ndarray]:
     """Each click's features computed offline by the stream's own functions: user features over each user's
     clicks in produced order (they were keyed by user key), IP features over each IP's clicks in the order the IP
     stage counted them. (No single arrival order need explain both: two late clicks can make the two orders
-    cross, so this does not go through ``featurize``'s one sequence.)"""
+    cross, so this does not go through ``featurize``'s one sequence.) ``shards``: the worker's SLIDR_COMBO_SHARDS."""
     by_id = {c.click_id: c for c in clicks}
     users: dict[str, Any] = {}
     uf: dict[str, list[float]] = {}
@@ -88,7 +88,7 @@ def reference_features(clicks: list[Click], feature_log: dict[int, list[Any]],
         for cid in chain:
             c = by_id[cid]
             ips[c.ip_key], ipf[cid] = F.update_ip(ips.get(c.ip_key), c)
-            k = F.combo_key(c)
+            k = F.combo_key(c, shards)
             combos[k], xf[cid] = F.update_combo(combos.get(k), c, None, *F.is_new(uf[cid], ipf[cid]))
     get = profiles.get
     return {cid: np.asarray(F.assemble(by_id[cid], uf[cid], ipf[cid], xf[cid], F.lookup_profile(by_id[cid], get)),
@@ -151,6 +151,60 @@ def test_every_click_decided_once_and_features_match_offline(kenv: Any) -> None:
     assert 0 < sum(not d.valid for d in decisions) < N_CLICKS  # the toy model flags the hot bots only
     print(f"{N_CLICKS} clicks decided in {took:.1f} s")
     _check_features(kenv, clicks, profiles)
+
+
+def test_a_worker_set_up_with_12_shards_runs_3_partitions_and_matches_offline(kenv: Any) -> None:
+    """SLIDR_COMBO_SHARDS=12 for the model and the worker (a deployment that needs more than 4 workers): on 3
+    partitions, which 4 shards refuse, every click is decided once and its features, user agent x ad counters
+    included, equal the offline functions' with 12 shards, bit for bit."""
+    import subprocess
+    import sys
+
+    from slidr.services import create_topics
+    from slidr.topics import Topics
+
+    code = "from stream.features import FEATURE_SPEC_HASH as H; print(H)"
+    spec12 = subprocess.run([sys.executable, "-c", code], env={**os.environ, "SLIDR_COMBO_SHARDS": "12"},
+                            capture_output=True, check=True, timeout=120).stdout.split()[-1].decode()
+    assert spec12 != F.FEATURE_SPEC_HASH
+    prefix = f"{kenv.prefix}-s12"  # (dropped with the test's own topics: same prefix)
+    s = kenv.settings.model_copy(update={"topic_prefix": prefix, "worker_id": f"{prefix}-group", "partitions": 3,
+                                         "combo_shards": 12, "redis_key_prefix": prefix})
+    t = Topics(prefix)
+    create_topics(s)
+    toymodel.build_registry(s.registry_path, version="toy-it", threshold=0.7, feature_spec_hash=spec12,
+                            combo_shards=12)
+    clicks = traffic(N_CLICKS // 4, seed=11)
+    profiles = _profiles(clicks)
+    cache.load(s, profiles)
+    w = K.start_worker(s, kenv.workdir / "w12", kenv.workdir / "w12.log")
+    try:
+        asyncio.run(K.produce(s, t.clicks, clicks))
+
+        def tick() -> None:
+            assert w.poll() is None, f"worker died with {w.returncode}; see {kenv.workdir / 'w12.log'}"
+
+        rec = asyncio.run(K.read_until(s, [t.decisions], lambda r: len({m.key for m in r[t.decisions]}) >= len(
+            clicks), 240, tick))
+    finally:
+        K.stop(w)
+    ids = [decode_decision(m.value).click_id for m in rec[t.decisions]]
+    assert len(ids) == len(set(ids)) == len(clicks) and set(ids) == {c.click_id for c in clicks}
+    log = asyncio.run(K.read_partitions(s, t.feature_log))
+    assert len(log) == 3
+    got: dict[str, np.ndarray] = {}
+    for msgs in log.values():
+        for m in msgs:
+            for r in read_feature_log(m.value):
+                assert r["feature_spec_hash"] == spec12
+                got.setdefault(r["click_id"], np.asarray(r["features"], dtype=np.float32))
+    want = reference_features(clicks, log, profiles, shards=12)
+    assert set(got) == set(want) == {c.click_id for c in clicks}
+    bad = [k for k in want if not np.array_equal(got[k], want[k])]
+    assert not bad, f"{len(bad)} clicks differ, e.g. {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
+    combo = [i for i, n in enumerate(F.FEATURE_NAMES) if n.startswith("ua_ad_")]
+    four = reference_features(clicks, log, profiles, shards=4)  # 12 shards' counters are not 4 shards': the
+    assert combo and any(not np.array_equal(want[k][combo], four[k][combo]) for k in want)  # check saw the setting
 
 
 def test_a_partition_lagging_half_an_hour_changes_no_features(kenv: Any) -> None:
