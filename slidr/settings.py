@@ -33,9 +33,7 @@ class FeatureSettings(BaseSettings):
         "alike for training and for every worker (the deployment's shared config), and retrain to change it."))
 
 
-class Settings(FeatureSettings):
-    model_config = SettingsConfigDict(env_prefix="SLIDR_", env_file=".env", extra="ignore")
-
+class Settings(FeatureSettings):  # (its model_config, env prefix SLIDR_, is FeatureSettings')
     # --- local state -------------------------------------------------------------------------
     home: Path = Field(Path(".slidr"), description="State folder: service data, logs, pid files, registry.")
     cache_dir: Path = Field(Path(".cache"), description="Download cache (Kafka jars), git-ignored.")

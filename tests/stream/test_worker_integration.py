@@ -14,6 +14,7 @@ import orjson
 import pytest
 
 from schemas.events import Click, decode_decision
+from slidr.settings import Settings
 from slidr.topics import changelog_topic
 from stream import cache, toymodel
 from stream import features as F
@@ -109,26 +110,32 @@ def _wait_decided(kenv: Any, n: int, timeout_s: float, procs: list[Any] = ()) ->
                                     tick))
 
 
-def _logged_features(kenv: Any) -> tuple[dict[int, list[Any]], dict[str, np.ndarray]]:
-    """The whole feature log, read once the worker has stopped, and each click's first logged vector. (Not what
-    was read while waiting for the decisions: a batch's feature-log records are sent after its decisions, so
-    the last few can arrive after the wait ended.)"""
-    log = asyncio.run(K.read_partitions(kenv.settings, kenv.topics.feature_log))
+def _logged_features(s: Settings, topic: str, spec: str = F.FEATURE_SPEC_HASH,
+                     ) -> tuple[dict[int, list[Any]], dict[str, np.ndarray]]:
+    """The whole feature log (``topic``), read once the worker has stopped, and each click's first logged vector.
+    (Not what was read while waiting for the decisions: a batch's feature-log records are sent after its
+    decisions, so the last few can arrive after the wait ended.) Every record carries ``spec``."""
+    log = asyncio.run(K.read_partitions(s, topic))
     got: dict[str, np.ndarray] = {}
     for msgs in log.values():
         for m in msgs:
             for r in read_feature_log(m.value):
-                assert r["feature_spec_hash"] == F.FEATURE_SPEC_HASH and r["model_version"] == "toy-it"
+                assert r["feature_spec_hash"] == spec and r["model_version"] == "toy-it"
                 got.setdefault(r["click_id"], np.asarray(r["features"], dtype=np.float32))
     return log, got
 
 
-def _check_features(kenv: Any, clicks: list[Click], profiles: dict[str, bytes]) -> None:
-    log, got = _logged_features(kenv)
-    want = reference_features(clicks, log, profiles)
+def _check_features(s: Settings, topic: str, clicks: list[Click], profiles: dict[str, bytes],
+                    spec: str = F.FEATURE_SPEC_HASH, shards: int = F.COMBO_SHARDS,
+                    ) -> tuple[dict[int, list[Any]], dict[str, np.ndarray]]:
+    """Every click's logged features equal the offline functions' (``shards``: the worker's SLIDR_COMBO_SHARDS),
+    bit for bit; returns the feature log and the offline features."""
+    log, got = _logged_features(s, topic, spec)
+    want = reference_features(clicks, log, profiles, shards)
     assert set(got) == set(want) == {c.click_id for c in clicks}
     bad = [k for k in want if not np.array_equal(got[k], want[k])]
     assert not bad, f"{len(bad)} clicks differ, e.g. {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
+    return log, want
 
 
 def test_every_click_decided_once_and_features_match_offline(kenv: Any) -> None:
@@ -150,7 +157,7 @@ def test_every_click_decided_once_and_features_match_offline(kenv: Any) -> None:
     assert dl["source_topic"] == kenv.topics.clicks and dl["error"]
     assert 0 < sum(not d.valid for d in decisions) < N_CLICKS  # the toy model flags the hot bots only
     print(f"{N_CLICKS} clicks decided in {took:.1f} s")
-    _check_features(kenv, clicks, profiles)
+    _check_features(kenv.settings, kenv.topics.feature_log, clicks, profiles)
 
 
 def test_a_worker_set_up_with_12_shards_runs_3_partitions_and_matches_offline(kenv: Any) -> None:
@@ -190,18 +197,8 @@ def test_a_worker_set_up_with_12_shards_runs_3_partitions_and_matches_offline(ke
         K.stop(w)
     ids = [decode_decision(m.value).click_id for m in rec[t.decisions]]
     assert len(ids) == len(set(ids)) == len(clicks) and set(ids) == {c.click_id for c in clicks}
-    log = asyncio.run(K.read_partitions(s, t.feature_log))
+    log, want = _check_features(s, t.feature_log, clicks, profiles, spec=spec12, shards=12)
     assert len(log) == 3
-    got: dict[str, np.ndarray] = {}
-    for msgs in log.values():
-        for m in msgs:
-            for r in read_feature_log(m.value):
-                assert r["feature_spec_hash"] == spec12
-                got.setdefault(r["click_id"], np.asarray(r["features"], dtype=np.float32))
-    want = reference_features(clicks, log, profiles, shards=12)
-    assert set(got) == set(want) == {c.click_id for c in clicks}
-    bad = [k for k in want if not np.array_equal(got[k], want[k])]
-    assert not bad, f"{len(bad)} clicks differ, e.g. {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
     combo = [i for i, n in enumerate(F.FEATURE_NAMES) if n.startswith("ua_ad_")]
     four = reference_features(clicks, log, profiles, shards=4)  # 12 shards' counters are not 4 shards': the
     assert combo and any(not np.array_equal(want[k][combo], four[k][combo]) for k in want)  # check saw the setting
@@ -228,7 +225,7 @@ def test_a_partition_lagging_half_an_hour_changes_no_features(kenv: Any) -> None
     order = event_time_order(clicks, s.partitions)
     X = F.featurize(order, profiles)
     want = {c.click_id: X[i] for i, c in enumerate(order)}
-    _, got = _logged_features(kenv)
+    _, got = _logged_features(kenv.settings, kenv.topics.feature_log)
     assert set(got) == set(want)
     bad = [k for k in want if not np.array_equal(got[k], want[k])]
     assert not bad, f"{len(bad)} of {len(want)} clicks differ, e.g. {bad[0]}: {got[bad[0]]} vs {want[bad[0]]}"
